@@ -1,0 +1,123 @@
+"""HTTP endpoints: discovery, the hook services, health; thin views over the domain code."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+from flask import Blueprint, Response, current_app, request
+
+from . import crd
+from .audit import CallRecord, summarise_actions, summarise_cards
+from .auth import AuthError, Identity
+from .errors import BadRequest, ServiceError
+from .hooks import evaluate, parse_hook_request
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+bp = Blueprint("cds", __name__)
+
+
+def runtime() -> Runtime:
+    return current_app.extensions["cds"]
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status=status, mimetype="application/json")
+
+
+def read_json() -> Any:
+    """The request body as JSON: 413 over the size limit (before parsing), 400 when it is not JSON."""
+    data = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH, chunked bodies included
+    if not data:
+        raise BadRequest("The request body is empty; send a CDS Hooks request as JSON.")
+    try:
+        # orjson rejects invalid UTF-8 and nesting deeper than 1024; duplicate keys keep the last value.
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {str(exc).split(':')[0]}.") from None
+
+
+def authenticate(rt: Runtime, path: str, record: CallRecord | None = None) -> Identity:
+    """Check the caller's JWT when CDS_AUTH=jwt; on failure log why (never the token) and answer a bare 401."""
+    if rt.authenticator is None:
+        return Identity()
+    try:
+        identity = rt.authenticator.verify(request.headers.get("Authorization"), rt.public_url + path)
+    except AuthError as exc:
+        who = exc.identity
+        log.warning("401 for %s: %s (iss=%s kid=%s jti=%s)", path, exc.reason, who.iss, who.kid, who.jti)
+        if record is not None:
+            record.iss, record.jti, record.tenant = who.iss, who.jti, who.tenant
+            record.error = f"authentication failed: {exc.reason}"
+        raise ServiceError(401, "Unauthorized.", code="login") from None
+    if record is not None:
+        record.iss, record.jti, record.tenant = identity.iss, identity.jti, identity.tenant
+    return identity
+
+
+@bp.get("/cds-services")
+def discovery() -> Response:
+    rt = runtime()
+    return json_response({"services": rt.discovery})
+
+
+@bp.post("/cds-services/<service_id>")
+def call_service(service_id: str) -> Response:
+    rt = runtime()
+    started = time.perf_counter()
+    service = rt.policies.services.get(service_id)
+    if service is None:
+        raise ServiceError(404, f"No CDS service with id '{service_id[:64]}'; see GET /cds-services.")
+    record = CallRecord(service_id=service_id, hook=service.hook)
+    try:
+        authenticate(rt, f"/cds-services/{service_id}", record)
+        hook_request = parse_hook_request(read_json(), service)
+        record.hook_instance = hook_request.hook_instance
+        record.user_id = hook_request.user_id
+        record.patient_id = hook_request.patient_id
+        result = evaluate(hook_request, service, coverage=rt.coverage)
+    except ServiceError as exc:
+        record.status = exc.status
+        record.error = record.error or exc.message
+        record.duration_ms = (time.perf_counter() - started) * 1000
+        rt.audit.record(record)
+        raise
+    record.orders = [v.to_dict() for v in result.verdicts]
+    record.cards = summarise_cards(result.cards)
+    record.system_actions = summarise_actions(result.system_actions)
+    record.coverage_assertions = result.coverage_assertions
+    record.notes = result.notes
+    response = json_response(result.response)
+    record.duration_ms = (time.perf_counter() - started) * 1000
+    rt.audit.record(record)
+    return response
+
+
+@bp.get("/health")
+def health() -> Response:
+    rt = runtime()
+    body: dict[str, Any] = {"status": "ok"}
+    store = rt.health()
+    if store:
+        body.update(store)
+    return json_response(body)
+
+
+def discovery_document(rt: Runtime) -> list[dict[str, Any]]:
+    """The discovery entries, built once at start-up from the policy files."""
+    services = []
+    for service in rt.policies.services.values():
+        services.append(
+            {
+                "hook": service.hook,
+                "id": service.id,
+                "title": service.title,
+                "description": service.description,
+                "prefetch": {name: key.query for name, key in service.prefetch.items()},
+                "extension": {crd.CONFIG_OPTIONS_KEY: crd.configuration_options(service)},
+            }
+        )
+    return services

@@ -1,0 +1,116 @@
+"""The Flask application factory: settings, policies, the long-lived parts, CORS, security headers, JSON errors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from . import config as config_module
+from .api import bp, discovery_document, json_response
+from .errors import ServiceError, issue_type, operation_outcome
+from .runtime import build_runtime
+
+log = logging.getLogger(__name__)
+
+# Paths whose answers hold patient-specific guidance: never cached (service calls and feedback).
+_NO_STORE_PREFIX = "/cds-services/"
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app. `config` takes the CDS_* setting names without the prefix and wins over the environment."""
+    settings = config_module.load(config)
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.update(settings)
+    app.config["MAX_CONTENT_LENGTH"] = settings["MAX_BODY_BYTES"]
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+    rt = build_runtime(settings)
+    rt.discovery = discovery_document(rt)
+    app.extensions["cds"] = rt
+
+    app.register_blueprint(bp)
+    _install_cors(app, settings["CORS_ORIGINS"])
+    _install_errors(app)
+    app.after_request(_security_headers)
+    return app
+
+
+def _security_headers(response: Response) -> Response:
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if request.path.startswith(_NO_STORE_PREFIX) or response.status_code >= 400:
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _install_cors(app: Flask, origins: list[str]) -> None:
+    """CORS for browser clients (the CDS Hooks sandbox): listed origins only, errors included, no credentials.
+
+    CDS Hooks authenticates with a bearer JWT, not cookies, so Allow-Credentials is never sent; that is what makes
+    a configured "*" safe.
+    """
+    allowed = set(origins)
+    any_origin = "*" in allowed
+
+    def allowed_origin() -> str | None:
+        origin = request.headers.get("Origin")
+        if not origin:
+            return None
+        if any_origin:
+            return "*"
+        return origin if origin.rstrip("/") in allowed else None
+
+    @app.before_request
+    def preflight() -> Response | None:
+        if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+            return None
+        response = Response(status=204)
+        origin = allowed_origin()
+        if origin:
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Max-Age"] = "600"
+        return response
+
+    @app.after_request
+    def cors_headers(response: Response) -> Response:
+        origin = allowed_origin()
+        if origin:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            if origin != "*":
+                response.headers.add("Vary", "Origin")
+        return response
+
+
+def _install_errors(app: Flask) -> None:
+    @app.errorhandler(ServiceError)
+    def service_error(exc: ServiceError) -> Response:
+        response = json_response(exc.to_dict(), exc.status)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="cds-services"'
+        return response
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        messages = {
+            404: "Not found: see GET /cds-services for the services.",
+            405: f"Method {request.method} is not allowed here.",
+            413: "The request body is too large (limit 5 MB).",
+        }
+        message = messages.get(status, exc.description or exc.name)
+        response = json_response(operation_outcome(message, code=issue_type(status)), status)
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
+
+    @app.errorhandler(InternalServerError)
+    def internal_error(exc: InternalServerError) -> Response:
+        # A bug, not a client error: log it with its traceback, answer without one.
+        original = exc.original_exception or exc
+        log.error("unhandled error on %s %s", request.method, request.path, exc_info=original)
+        return json_response(operation_outcome("Internal error.", code="exception"), 500)

@@ -1,0 +1,82 @@
+"""What one service call leaves in the audit log, and the sink interface that stores it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+
+@dataclass
+class CallRecord:
+    """One hook call as the audit log keeps it: never the JWT, never the FHIR access token."""
+
+    service_id: str
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    hook: str | None = None
+    hook_instance: str | None = None
+    iss: str | None = None
+    tenant: str | None = None
+    jti: str | None = None
+    user_id: str | None = None
+    patient_id: str | None = None
+    orders: list[dict[str, Any]] = field(default_factory=list)
+    cards: list[dict[str, Any]] = field(default_factory=list)
+    system_actions: list[dict[str, Any]] = field(default_factory=list)
+    coverage_assertions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    status: int = 200
+    error: str | None = None
+    duration_ms: float = 0.0
+
+
+class AuditSink(Protocol):
+    def record(self, call: CallRecord) -> None:
+        """Queue or store the record; must not raise and must not slow the hook."""
+        ...
+
+
+class NullAudit:
+    """No audit log (CDS_AUDIT=false): records are dropped."""
+
+    def record(self, call: CallRecord) -> None:
+        return None
+
+
+def summarise_cards(cards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Card ids and kinds for the log: what was shown, without repeating the text."""
+    out = []
+    for card in cards:
+        refs = [r.get("reference") for r in card.get("extension", {}).get("davinci-crd.associated-resource", [])]
+        out.append(
+            {
+                "uuid": card.get("uuid"),
+                "indicator": card.get("indicator"),
+                "topic": card.get("source", {}).get("topic", {}).get("code"),
+                "orders": refs,
+                "suggestions": [
+                    {
+                        "uuid": s.get("uuid"),
+                        "label": s.get("label"),
+                        "actions": [a.get("type") for a in s.get("actions", [])],
+                    }
+                    for s in card.get("suggestions", [])
+                ],
+            }
+        )
+    return out
+
+
+def summarise_actions(actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for action in actions:
+        resource = action.get("resource") or {}
+        out.append(
+            {
+                "type": action.get("type"),
+                "resource": f"{resource.get('resourceType')}/{resource.get('id')}"
+                if resource
+                else action.get("resourceId"),
+            }
+        )
+    return out

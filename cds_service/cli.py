@@ -1,0 +1,182 @@
+"""The `cds-service` command: serve, evaluate a request file, check the policy files."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+from . import config as config_module
+from .errors import ServiceError
+from .hooks import HookResult, evaluate, parse_hook_request
+from .matching import Verdict
+from .policy import PolicyError, Service, load_policies, packaged_policy_dir
+from .runtime import build_runtime
+
+# Subcommands added by other modules (storage: db, audit, report) register here.
+Registrar = Callable[[argparse._SubParsersAction], None]  # type: ignore[type-arg]
+EXTRA_COMMANDS: list[Registrar] = []
+
+
+def _out(text: str, stream: TextIO | None = None) -> None:
+    (stream or sys.stdout).write(text + "\n")
+
+
+def _fail(message: str, code: int = 1) -> int:
+    _out(f"cds-service: {message}", sys.stderr)
+    return code
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import create_app
+    from .server import default_workers, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_app()
+    except (PolicyError, config_module.ConfigError) as exc:
+        return _fail(str(exc), 2)
+    prepare = app.extensions.get("cds_prepare_serve")
+    if prepare is not None:
+        try:
+            prepare()
+        except RuntimeError as exc:
+            return _fail(str(exc), 2)
+    serve(
+        app,
+        host=args.host,
+        port=args.port,
+        workers=args.workers or default_workers(),
+        threads=args.threads,
+        log_level=app.config["LOG_LEVEL"],
+    )
+    return 0
+
+
+def _read_request(path: str) -> Any:
+    raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    return orjson.loads(raw)
+
+
+def _service_for(body: Any, services: dict[str, Service], wanted: str | None) -> Service:
+    if wanted:
+        if wanted not in services:
+            raise ServiceError(404, f"no service {wanted!r}; services: {', '.join(services)}")
+        return services[wanted]
+    hook = body.get("hook") if isinstance(body, dict) else None
+    for service in services.values():
+        if service.hook == hook:
+            return service
+    raise ServiceError(400, f"no service answers hook {hook!r}")
+
+
+def explain(result: HookResult, stream: TextIO) -> None:
+    """For every ServiceRequest judged: the verdict, why, and the evidence for and against."""
+    if not result.verdicts:
+        _out("No ServiceRequest was judged (none in draftOrders, or none selected).", stream)
+    for verdict in result.verdicts:
+        _out(_explain_verdict(verdict), stream)
+    if result.notes:
+        _out("Notes:", stream)
+        for note in result.notes:
+            _out(f"  - {note}", stream)
+
+
+def _explain_verdict(verdict: Verdict) -> str:
+    ref = verdict.order.reference or "ServiceRequest (no id)"
+    label = " ".join(verdict.order.label().split())
+    lines = [
+        f"{ref}: {'FLAGGED' if verdict.flagged else 'not flagged'} by {verdict.policy.id} {verdict.policy.version}",
+        f"  order:   {label}",
+        f"  reason:  {verdict.reason}",
+    ]
+    lines += [f"  for:     {e.label}" for e in verdict.evidence_for]
+    lines += [f"  against: {e.label}" for e in verdict.evidence_against]
+    if verdict.flagged:
+        lines.append(f"  region:  {verdict.region or 'not named (no replacement offered)'}")
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    try:
+        settings = config_module.load({"AUTH": "off"} | ({"POLICY_DIR": args.policy_dir} if args.policy_dir else {}))
+        rt = build_runtime(settings)
+    except (PolicyError, config_module.ConfigError) as exc:
+        return _fail(str(exc), 2)
+    try:
+        body = _read_request(args.file)
+    except OSError as exc:
+        return _fail(f"cannot read {args.file}: {exc.strerror}", 2)
+    except orjson.JSONDecodeError as exc:
+        return _fail(f"{args.file} is not valid JSON: {exc}", 2)
+    try:
+        service = _service_for(body, rt.policies.services, args.service)
+        result = evaluate(parse_hook_request(body, service), service, coverage=rt.coverage)
+    except ServiceError as exc:
+        _out(orjson.dumps(exc.to_dict(), option=orjson.OPT_INDENT_2).decode(), sys.stderr)
+        return _fail(f"the request would be refused with HTTP {exc.status}: {exc.message}")
+    if args.explain:
+        explain(result, sys.stdout)
+    else:
+        _out(orjson.dumps(result.response, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_check_policy(args: argparse.Namespace) -> int:
+    folder = Path(args.dir or os.environ.get("CDS_POLICY_DIR") or packaged_policy_dir())
+    try:
+        policies = load_policies(folder)
+    except PolicyError as exc:
+        return _fail(f"policy check failed: {exc}")
+    for policy in policies.policies:
+        rec = policy.recognition
+        _out(
+            f"ok  {policy.source}: {policy.id} {policy.version} ({policy.title}); "
+            f"{len(rec.billing_codes)} billing codes, {len(rec.techniques)} techniques, "
+            f"{len(rec.look_alikes)} look-alikes, alternatives for {', '.join(policy.alternatives) or 'none'}"
+        )
+    for service in policies.services.values():
+        _out(f"    service {service.id} on {service.hook}: {', '.join(p.id for p in service.policies)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cds-service", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the production server (gunicorn) in the foreground")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core, min 2)")
+    serve.add_argument("--threads", type=int, default=4, help="threads per worker (default 4)")
+    serve.set_defaults(func=cmd_serve)
+
+    ev = sub.add_parser("evaluate", help="print the response the service would give to a request file")
+    ev.add_argument("file", help="a CDS Hooks request (JSON); - reads standard input")
+    ev.add_argument(
+        "--explain",
+        action="store_true",
+        help="instead of the response, print each ServiceRequest's verdict with the evidence for and against it",
+    )
+    ev.add_argument("--service", help="service id (default: the service for the request's hook)")
+    ev.add_argument("--policy-dir", help="policy folder (default: CDS_POLICY_DIR or the packaged cards/)")
+    ev.set_defaults(func=cmd_evaluate)
+
+    check = sub.add_parser("check-policy", help="validate the policy files and say what is wrong")
+    check.add_argument("dir", nargs="?", help="policy folder (default: the packaged cards/)")
+    check.set_defaults(func=cmd_check_policy)
+
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,82 @@
+"""Settings: defaults, then CDS_* environment variables, then the mapping given to create_app (which wins)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+PREFIX = "CDS_"
+
+# Every setting the service reads, with its default. README.md documents each one.
+DEFAULTS: dict[str, Any] = {
+    "POLICY_DIR": None,  # None: the packaged cards/
+    "PUBLIC_URL": "http://127.0.0.1:8080",
+    "AUTH": "jwt",
+    "TRUSTED_ISSUERS": None,
+    "CORS_ORIGINS": "",
+    "DATABASE_URL": None,  # None: SQLite file in the instance folder
+    "FHIR_TIMEOUT": 3.0,
+    "ALLOW_HTTP_FHIR": False,
+    "MAX_BODY_BYTES": 5 * 1024 * 1024,
+    "AUDIT": True,
+    "LOG_LEVEL": "INFO",
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot use."""
+
+
+def from_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """CDS_* variables with the prefix removed (strings, converted by `normalise`)."""
+    env = os.environ if environ is None else environ
+    return {key[len(PREFIX) :]: value for key, value in env.items() if key.startswith(PREFIX)}
+
+
+def as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"CDS_{name}: expected true or false, got {value!r}")
+
+
+def normalise(settings: dict[str, Any]) -> dict[str, Any]:
+    """Check and convert the settings the service reads; unknown names are kept for extensions."""
+    out = dict(settings)
+    auth = str(out["AUTH"]).strip().lower()
+    if auth not in ("jwt", "off"):
+        raise ConfigError(f"CDS_AUTH: expected 'jwt' or 'off', got {out['AUTH']!r}")
+    out["AUTH"] = auth
+    out["PUBLIC_URL"] = str(out["PUBLIC_URL"]).rstrip("/")
+    if not out["PUBLIC_URL"].startswith(("http://", "https://")):
+        raise ConfigError(f"CDS_PUBLIC_URL: expected an http(s) URL, got {out['PUBLIC_URL']!r}")
+    try:
+        out["FHIR_TIMEOUT"] = float(out["FHIR_TIMEOUT"])
+        out["MAX_BODY_BYTES"] = int(out["MAX_BODY_BYTES"])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"CDS_FHIR_TIMEOUT / CDS_MAX_BODY_BYTES: {exc}") from exc
+    if not 0 < out["FHIR_TIMEOUT"] <= 30:
+        raise ConfigError("CDS_FHIR_TIMEOUT: expected seconds between 0 and 30")
+    out["ALLOW_HTTP_FHIR"] = as_bool("ALLOW_HTTP_FHIR", out["ALLOW_HTTP_FHIR"])
+    out["AUDIT"] = as_bool("AUDIT", out["AUDIT"])
+    origins = out["CORS_ORIGINS"]
+    if isinstance(origins, str):
+        origins = [o.strip().rstrip("/") for o in origins.split(",")]
+    out["CORS_ORIGINS"] = [o for o in origins if o]
+    return out
+
+
+def load(config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    settings = dict(DEFAULTS)
+    settings.update(from_environment(environ))
+    if config:
+        settings.update({k.removeprefix(PREFIX): v for k, v in config.items()})
+    return normalise(settings)

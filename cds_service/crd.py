@@ -1,0 +1,184 @@
+"""Da Vinci CRD: configuration options, request configuration, and the coverage-information systemAction."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from dataclasses import dataclass, field
+from datetime import date
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .hooks import HookRequest
+    from .matching import Verdict
+    from .policy import PrefetchKey, Service
+
+COVERAGE_INFO_URL = "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/ext-coverage-information"
+CONFIG_OPTIONS_KEY = "davinci-crd.configuration-options"
+CONFIG_KEY = "davinci-crd.configuration"
+MAX_CARDS_DEFAULT = 10
+# Deep client data is echoed back whole; refuse to echo what the JSON encoder (and the EHR) would choke on.
+_MAX_ECHO_DEPTH = 64
+
+
+def configuration_options(service: Service) -> list[dict[str, Any]]:
+    """CRD discovery configuration options: coverage-info, one boolean per card type, max-cards."""
+    options: list[dict[str, Any]] = [
+        {
+            "code": "coverage-info",
+            "type": "boolean",
+            "name": "Coverage information",
+            "description": "Return coverage information (ext-coverage-information) as systemActions that update the "
+            "draft order",
+            "default": True,
+        }
+    ]
+    seen = set()
+    for policy in service.policies:
+        topic = policy.card.topic
+        if topic.code in seen:
+            continue
+        seen.add(topic.code)
+        options.append(
+            {
+                "code": topic.code,
+                "type": "boolean",
+                "name": f"{topic.display} cards",
+                "description": f"Return {topic.display.lower()} cards ({policy.title})",
+                "default": True,
+            }
+        )
+    options.append(
+        {
+            "code": "max-cards",
+            "type": "integer",
+            "name": "Maximum cards",
+            "description": "The most cards to return for one hook call",
+            "default": MAX_CARDS_DEFAULT,
+        }
+    )
+    return options
+
+
+@dataclass
+class Configuration:
+    """What a client asked for through davinci-crd.configuration; unknown keys are ignored, none are required."""
+
+    coverage_info: bool = True
+    card_types: dict[str, bool] = field(default_factory=dict)
+    max_cards: int | None = None
+
+    def card_enabled(self, card_type: str) -> bool:
+        return self.card_types.get(card_type, True)
+
+
+def read_configuration(extension: dict[str, Any]) -> Configuration:
+    raw = extension.get(CONFIG_KEY) if isinstance(extension, dict) else None
+    config = Configuration()
+    if not isinstance(raw, dict):
+        return config
+    for key, value in raw.items():
+        if key == "coverage-info" and isinstance(value, bool):
+            config.coverage_info = value
+        elif key == "max-cards":
+            # CRD types max-cards as an integer; a bool is not one, a negative count means none.
+            if isinstance(value, int) and not isinstance(value, bool):
+                config.max_cards = max(value, 0)
+        elif isinstance(value, bool):
+            config.card_types[str(key)] = value
+    return config
+
+
+@dataclass
+class CoverageResult:
+    """The patient's Coverage as found (or not) for one call, with notes for the audit log."""
+
+    coverage_reference: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+class CoverageLookup(Protocol):
+    def resolve(self, request: HookRequest, keys: dict[str, PrefetchKey]) -> CoverageResult: ...
+
+    def require(self, request: HookRequest, keys: dict[str, PrefetchKey]) -> None: ...
+
+
+@dataclass
+class CoverageAction:
+    action: dict[str, Any]
+    assertion_id: str
+
+
+def _depth(value: Any, limit: int) -> bool:
+    """True when `value` nests deeper than `limit` (iterative: client data may be deep)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
+
+
+def _same_assertion(existing: Any, coverage: str, billing_code: str | None) -> bool:
+    if not isinstance(existing, dict) or existing.get("url") != COVERAGE_INFO_URL:
+        return False
+    parts = {e.get("url"): e for e in existing.get("extension", []) if isinstance(e, dict)}
+    ref = (parts.get("coverage") or {}).get("valueReference") or {}
+    covered = (parts.get("covered") or {}).get("valueCode")
+    code = ((parts.get("billingCode") or {}).get("valueCoding") or {}).get("code")
+    return ref.get("reference") == coverage and covered == "not-covered" and code == billing_code
+
+
+def coverage_action(verdict: Verdict, coverage_reference: str, today: date) -> CoverageAction | None:
+    """The CRD coverage-information systemAction for a flagged order, or None when it already carries it.
+
+    CRD (ext-coverage-information): coverage, covered, date and coverage-assertion-id are required; with
+    not-covered there is no pa-needed (removed in 2.1); "investigational" has no code, so it is not-covered plus
+    the reason in text. The resource is the client's own draft, unchanged but for the added extension.
+    """
+    resource = verdict.order.resource
+    if not verdict.order.id or _depth(resource, _MAX_ECHO_DEPTH):
+        return None
+    billing = verdict.billing_code
+    extensions = resource.get("extension")
+    if isinstance(extensions, list) and any(
+        _same_assertion(e, coverage_reference, billing.code if billing else None) for e in extensions
+    ):
+        return None
+    assertion_id = uuid.uuid4().hex
+    parts: list[dict[str, Any]] = [
+        {"url": "coverage", "valueReference": {"reference": coverage_reference}},
+        {"url": "covered", "valueCode": "not-covered"},
+    ]
+    if billing:
+        parts.append({"url": "billingCode", "valueCoding": {"system": billing.system, "code": billing.code}})
+    policy = verdict.policy
+    parts += [
+        {
+            "url": "reason",
+            "valueCodeableConcept": {
+                "text": f"Investigational: {policy.title} (medical policy {policy.reference}, version {policy.version})"
+            },
+        },
+        {"url": "date", "valueDate": today.isoformat()},
+        {"url": "coverage-assertion-id", "valueString": assertion_id},
+    ]
+    updated = copy.deepcopy(resource)
+    if not isinstance(updated.get("extension"), list):
+        # A malformed extension element cannot be extended without changing its meaning; leave the order alone.
+        if "extension" in updated:
+            return None
+        updated["extension"] = []
+    updated["extension"].append({"url": COVERAGE_INFO_URL, "extension": parts})
+    return CoverageAction(
+        {
+            "type": "update",
+            "description": f"Record coverage information: {policy.title} is investigational and not covered",
+            "resource": updated,
+        },
+        assertion_id,
+    )

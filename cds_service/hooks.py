@@ -1,0 +1,207 @@
+"""A CDS Hooks call, framework-free: check the request, pick the orders to judge, and build the response."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+from . import cards as card_builder
+from . import crd
+from .errors import BadRequest
+from .matching import Verdict, judge
+from .orders import OrderView, as_list, iter_bundle_resources, read_order
+from .policy import Service
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+@dataclass
+class HookRequest:
+    """The parts of a CDS Hooks 2.0 request this service reads."""
+
+    hook: str
+    hook_instance: str
+    context: dict[str, Any]
+    draft_orders: dict[str, Any]
+    selections: list[str] | None
+    fhir_server: str | None = None
+    fhir_authorization: dict[str, Any] | None = None
+    prefetch: dict[str, Any] | None = None
+    extension: dict[str, Any] = field(default_factory=dict)
+    # What this call already read from the FHIR server, by prefetch key, so nothing is read twice.
+    fetched: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def patient_id(self) -> str | None:
+        value = self.context.get("patientId")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def user_id(self) -> str | None:
+        value = self.context.get("userId")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def encounter_id(self) -> str | None:
+        value = self.context.get("encounterId")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def access_token(self) -> str | None:
+        auth = self.fhir_authorization or {}
+        token = auth.get("access_token")
+        return token if isinstance(token, str) and token else None
+
+
+def parse_hook_request(body: Any, service: Service) -> HookRequest:
+    """Check a decoded request body against CDS Hooks 2.0 and the service's hook; 400 says what is wrong."""
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object (a CDS Hooks request).")
+    for name in ("hook", "hookInstance", "context"):
+        if name not in body or body[name] is None:
+            raise BadRequest(
+                f"The request has no '{name}'; CDS Hooks requires hook, hookInstance and context.", expression=name
+            )
+    hook = body["hook"]
+    if not isinstance(hook, str):
+        raise BadRequest("'hook' must be a string.", expression="hook")
+    if hook != service.hook:
+        raise BadRequest(
+            f"Service '{service.id}' answers the '{service.hook}' hook, not '{hook[:64]}'.", expression="hook"
+        )
+    hook_instance = body["hookInstance"]
+    if not isinstance(hook_instance, str) or not _UUID.fullmatch(hook_instance.strip()):
+        raise BadRequest("'hookInstance' must be a UUID.", expression="hookInstance")
+    context = body["context"]
+    if not isinstance(context, dict):
+        raise BadRequest("'context' must be an object.", expression="context")
+
+    draft_orders = context.get("draftOrders")
+    if draft_orders is None:
+        raise BadRequest(f"The {hook} context has no 'draftOrders'.", expression="context.draftOrders")
+    if not isinstance(draft_orders, dict) or draft_orders.get("resourceType") != "Bundle":
+        raise BadRequest("'context.draftOrders' must be a FHIR Bundle.", expression="context.draftOrders")
+
+    selections: list[str] | None = None
+    if hook == "order-select":
+        raw = context.get("selections")
+        if raw is None:
+            raise BadRequest("The order-select context has no 'selections'.", expression="context.selections")
+        if isinstance(raw, str):
+            raw = [raw]  # one selection sent bare: the meaning is unambiguous
+        if not isinstance(raw, list):
+            raise BadRequest(
+                "'context.selections' must be an array of references such as 'ServiceRequest/123'.",
+                expression="context.selections",
+            )
+        selections = [s.strip() for s in raw if isinstance(s, str) and s.strip()]
+
+    fhir_server = body.get("fhirServer")
+    fhir_authorization = body.get("fhirAuthorization")
+    prefetch = body.get("prefetch")
+    extension = body.get("extension")
+    return HookRequest(
+        hook=hook,
+        hook_instance=hook_instance.strip(),
+        context=context,
+        draft_orders=draft_orders,
+        selections=selections,
+        fhir_server=fhir_server if isinstance(fhir_server, str) and fhir_server else None,
+        fhir_authorization=fhir_authorization if isinstance(fhir_authorization, dict) else None,
+        prefetch=prefetch if isinstance(prefetch, dict) else None,
+        extension=extension if isinstance(extension, dict) else {},
+    )
+
+
+def orders_to_judge(request: HookRequest) -> list[OrderView]:
+    """order-sign: every ServiceRequest in draftOrders; order-select: only the selected ones. Other types skipped."""
+    orders: list[OrderView] = []
+    seen: set[str] = set()
+    wanted = set(request.selections) if request.selections is not None else None
+    for resource, full_url in iter_bundle_resources(request.draft_orders):
+        if resource.get("resourceType") != "ServiceRequest":
+            continue
+        rid = resource.get("id")
+        key = f"ServiceRequest/{rid}" if isinstance(rid, str) else None
+        if wanted is not None and not _selected(wanted, key, full_url):
+            continue
+        if key is not None:
+            if key in seen:
+                continue  # the same order listed twice is judged (and carded) once
+            seen.add(key)
+        orders.append(read_order(resource))
+    return orders
+
+
+def _selected(wanted: set[str], key: str | None, full_url: str | None) -> bool:
+    # Selections are "ServiceRequest/<id>"; some clients send the entry's fullUrl or an absolute URL instead.
+    if key is None:
+        return full_url is not None and full_url in wanted
+    if key in wanted or (full_url is not None and full_url in wanted):
+        return True
+    return any(s.endswith("/" + key) for s in wanted)
+
+
+@dataclass
+class HookResult:
+    """The response, and what was decided on the way (for the audit log and `evaluate --explain`)."""
+
+    response: dict[str, Any]
+    verdicts: list[Verdict]
+    notes: list[str] = field(default_factory=list)
+    coverage_assertions: list[str] = field(default_factory=list)
+
+    @property
+    def cards(self) -> list[dict[str, Any]]:
+        return self.response["cards"]
+
+    @property
+    def system_actions(self) -> list[dict[str, Any]]:
+        return self.response["systemActions"]
+
+
+def evaluate(
+    request: HookRequest, service: Service, *, coverage: crd.CoverageLookup | None = None, today: date | None = None
+) -> HookResult:
+    """Judge the orders the hook asks about and answer with one card per flagged order (and CRD systemActions)."""
+    config = crd.read_configuration(request.extension)
+    verdicts: list[Verdict] = []
+    cards: list[dict[str, Any]] = []
+    system_actions: list[dict[str, Any]] = []
+    notes: list[str] = []
+    assertions: list[str] = []
+    orders = orders_to_judge(request)
+    flagged: list[Verdict] = []
+    for order in orders:
+        for policy in service.policies:
+            verdict = judge(order, policy)
+            verdicts.append(verdict)
+            if verdict.flagged:
+                flagged.append(verdict)
+
+    if flagged and coverage is not None:
+        coverage.require(request, service.prefetch)  # 412 when a policy's required data cannot be had
+    for verdict in flagged:
+        if config.card_enabled(verdict.policy.card.topic.code):
+            cards.append(card_builder.build_card(verdict, request))
+    if config.max_cards is not None:
+        cards = cards[: config.max_cards]
+
+    if flagged and config.coverage_info and coverage is not None:
+        found = coverage.resolve(request, service.prefetch)
+        notes.extend(found.notes)
+        if found.coverage_reference:
+            for verdict in flagged:
+                action = crd.coverage_action(verdict, found.coverage_reference, today or date.today())
+                if action is not None:
+                    system_actions.append(action.action)
+                    assertions.append(action.assertion_id)
+                elif verdict.order.id:
+                    notes.append(f"{verdict.order.reference}: already carries this coverage assertion")
+    return HookResult({"cards": cards, "systemActions": system_actions}, verdicts, notes, assertions)
+
+
+def draft_order_count(request: HookRequest) -> int:
+    return len(as_list(request.draft_orders.get("entry")))

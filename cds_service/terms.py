@@ -1,0 +1,153 @@
+"""Phrase matching for policy words: compiled once at load into trie-shaped regular expressions."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+
+# Characters that separate words inside a phrase. "x-ray", "x ray", "x/ray" and "xray" are the same phrase.
+_SEPARATOR_CHARS = r"\s\-_/.,:;()'+&\u2010\u2011\u2012\u2013\u2014\u00a0\u202f"
+_SEP = f"[{_SEPARATOR_CHARS}]*"
+# A trailing plural is tolerated ("views", "x-rays", "DMXs"): analysts write the singular.
+_TAIL = r"(?:e?s)?(?![A-Za-z0-9])"
+_HEAD = r"(?<![A-Za-z0-9])"
+_SPLIT = re.compile(f"[{_SEPARATOR_CHARS}]+")
+_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
+class TermError(ValueError):
+    """A term or pattern in a policy file cannot be compiled."""
+
+
+def term_key(text: str, *, case: bool) -> str:
+    """The lookup key of a phrase: its letters and digits, lower-cased unless the match is case-sensitive."""
+    if case:
+        return re.sub(r"[^A-Za-z0-9]+", "", text)
+    return _ALNUM.sub("", text.lower())
+
+
+def _words(term: str) -> list[str]:
+    words = [w for w in _SPLIT.split(term.strip()) if w]
+    if not words:
+        raise TermError(f"empty term {term!r}")
+    for word in words:
+        if not re.fullmatch(r"[A-Za-z0-9]+", word):
+            raise TermError(f"term {term!r}: use letters, digits and separators only (or a pattern:)")
+    return words
+
+
+@dataclass
+class _Node:
+    children: dict[str, _Node] = field(default_factory=dict)
+    end: bool = False
+
+
+def _trie_regex(phrases: Iterable[list[str]]) -> str:
+    """A regex matching any phrase, as a trie so each text position is tried once, not once per phrase.
+
+    Phrases are sequences of words; between words any separators (or none) are allowed. Greedy optional groups
+    make the longest phrase at a position win, which is what a reader means ("digital motion x-ray", not "motion").
+    """
+    root = _Node()
+    for words in phrases:
+        node = root
+        atoms = list("\x00".join(words))  # \x00 stands for "separator here"
+        for atom in atoms:
+            node = node.children.setdefault(atom, _Node())
+        node.end = True
+
+    def emit(node: _Node) -> str:
+        branches = []
+        for atom, child in sorted(node.children.items()):
+            piece = _SEP if atom == "\x00" else re.escape(atom)
+            branches.append(piece + emit(child))
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if node.end else body
+
+    return emit(root)
+
+
+@dataclass(frozen=True)
+class TermHit:
+    """One phrase found in a text: where, what was written, and what it means in the policy."""
+
+    start: int
+    end: int
+    text: str
+    refs: tuple[Hashable, ...]
+
+
+class TermIndex:
+    """Every phrase of a policy in one place: add phrases with what they mean, compile once, find all in a text."""
+
+    def __init__(self) -> None:
+        self._plain: dict[str, list[Hashable]] = {}
+        self._exact: dict[str, list[Hashable]] = {}
+        self._patterns: list[tuple[re.Pattern[str], Hashable]] = []
+        self._regexes: list[tuple[re.Pattern[str], bool]] = []
+        # Every spelling goes into the trie: "videofluoroscopy" and "video fluoroscopy" share a key but not words.
+        self._spellings: set[tuple[bool, tuple[str, ...]]] = set()
+
+    def add(self, term: str, ref: Hashable, *, case: bool = False) -> None:
+        words = _words(term)
+        key = term_key(" ".join(words), case=case)
+        table = self._exact if case else self._plain
+        refs = table.setdefault(key, [])
+        if ref not in refs:
+            refs.append(ref)
+        self._spellings.add((case, tuple(w if case else w.lower() for w in words)))
+
+    def add_pattern(self, pattern: str, ref: Hashable) -> None:
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise TermError(f"pattern {pattern!r}: {exc}") from exc
+        if compiled.match(""):
+            raise TermError(f"pattern {pattern!r} matches the empty string")
+        self._patterns.append((compiled, ref))
+
+    def compile(self) -> None:
+        regexes = []
+        for case in (False, True):
+            phrases = [list(words) for c, words in sorted(self._spellings) if c is case]
+            if not phrases:
+                continue
+            # The lookahead finds a match starting at every position, so phrases that overlap are all found.
+            body = _trie_regex(phrases)
+            flags = 0 if case else re.IGNORECASE
+            regexes.append((re.compile(f"{_HEAD}(?=({body}){_TAIL})", flags), case))
+        self._regexes = regexes
+
+    def refs(self) -> list[Hashable]:
+        """Everything the phrases and patterns mean (to check a policy's cross-references)."""
+        out = [ref for table in (self._plain, self._exact) for refs in table.values() for ref in refs]
+        return out + [ref for _, ref in self._patterns]
+
+    def find(self, text: str) -> list[TermHit]:
+        """All phrases in `text`, longest first where they overlap; a phrase inside a longer one is dropped."""
+        hits: list[TermHit] = []
+        for regex, case in self._regexes:
+            table = self._exact if case else self._plain
+            for match in regex.finditer(text):
+                written = match.group(1)
+                refs = table.get(term_key(written, case=case))
+                if refs:
+                    hits.append(TermHit(match.start(1), match.end(1), written, tuple(refs)))
+        for pattern, ref in self._patterns:
+            for match in pattern.finditer(text):
+                hits.append(TermHit(match.start(), match.end(), match.group(0), (ref,)))
+        if len(hits) < 2:
+            return hits
+        # Keep the longest reading: "soft tissue neck" is not the spine word "neck", "MRI in flexion and extension"
+        # is not the radiograph words "flexion and extension".
+        hits.sort(key=lambda h: (h.start, -(h.end - h.start)))
+        kept: list[TermHit] = []
+        for hit in hits:
+            size = hit.end - hit.start
+            if any(k.start <= hit.start and hit.end <= k.end and k.end - k.start > size for k in kept):
+                continue
+            kept.append(hit)
+        return kept
