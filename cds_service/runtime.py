@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .audit import AuditSink, NullAudit
-from .auth import Authenticator
+from .auth import Authenticator, JtiStore, MemoryJtiStore, build_authenticator
 from .fhir_client import CoverageFinder, FhirReader, FhirSettings
 from .policy import PolicySet, load_policies
 
@@ -32,9 +32,10 @@ def build_runtime(settings: dict[str, Any]) -> Runtime:
     """Everything a call needs, from checked settings; shared by the web app and the command line."""
     policies = load_policies(settings["POLICY_DIR"])
     reader = FhirReader(FhirSettings(timeout=settings["FHIR_TIMEOUT"], allow_http=settings["ALLOW_HTTP_FHIR"]))
+    jti_store: JtiStore = MemoryJtiStore()
     return Runtime(
         settings=settings,
         policies=policies,
         coverage=CoverageFinder(reader),
-        authenticator=Authenticator() if settings["AUTH"] == "jwt" else None,
+        authenticator=build_authenticator(settings, jti_store) if settings["AUTH"] == "jwt" else None,
     )
