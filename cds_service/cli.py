@@ -106,7 +106,7 @@ def _explain_verdict(verdict: Verdict) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         settings = config_module.load({"AUTH": "off"} | ({"POLICY_DIR": args.policy_dir} if args.policy_dir else {}))
-        rt = build_runtime(settings)
+        rt = build_runtime(settings, offline=not args.fetch)
     except (PolicyError, config_module.ConfigError) as exc:
         return _fail(str(exc), 2)
     try:
@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of the response, print each ServiceRequest's verdict with the evidence for and against it",
     )
     ev.add_argument("--service", help="service id (default: the service for the request's hook)")
+    ev.add_argument(
+        "--fetch",
+        action="store_true",
+        help="read missing prefetch data (the Coverage) from the request's fhirServer, as the service "
+        "does; by default evaluation is offline and uses the request's prefetch only",
+    )
     ev.add_argument("--policy-dir", help="policy folder (default: CDS_POLICY_DIR or the packaged cards/)")
     ev.set_defaults(func=cmd_evaluate)
 

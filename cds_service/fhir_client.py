@@ -35,6 +35,8 @@ class FetchError(Exception):
 class FhirSettings:
     timeout: float = 3.0
     allow_http: bool = False
+    # The command line evaluates offline by default: prefetch only, no network.
+    offline: bool = False
 
 
 def fill_template(template: str, context: dict[str, Any]) -> str | None:
@@ -75,6 +77,8 @@ class FhirReader:
 
     def read(self, base: str, query: str, token: str | None) -> list[dict[str, Any]]:
         """GET {base}/{query}; a searchset is followed for at most a few pages. Returns the resources found."""
+        if self.settings.offline:
+            raise FetchError("reading from FHIR servers is off")
         base = self.check_server(base)
         deadline = time.monotonic() + self.settings.timeout
         url: str | None = urljoin(base, query.lstrip("/"))

@@ -28,10 +28,12 @@ class Runtime:
         return self.settings["PUBLIC_URL"]
 
 
-def build_runtime(settings: dict[str, Any]) -> Runtime:
+def build_runtime(settings: dict[str, Any], *, offline: bool = False) -> Runtime:
     """Everything a call needs, from checked settings; shared by the web app and the command line."""
     policies = load_policies(settings["POLICY_DIR"])
-    reader = FhirReader(FhirSettings(timeout=settings["FHIR_TIMEOUT"], allow_http=settings["ALLOW_HTTP_FHIR"]))
+    reader = FhirReader(
+        FhirSettings(timeout=settings["FHIR_TIMEOUT"], allow_http=settings["ALLOW_HTTP_FHIR"], offline=offline)
+    )
     jti_store: JtiStore = MemoryJtiStore()
     return Runtime(
         settings=settings,

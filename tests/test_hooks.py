@@ -1,0 +1,302 @@
+"""Discovery, both hooks over HTTP, the card's shape, and every client error the issue lists."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+
+from . import builders as b
+from .conftest import SELECT, SIGN
+
+CERVICAL = ("122494005", "Cervical spine")
+LUMBAR = ("122496007", "Lumbar spine")
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def post(client: FlaskClient, service: str, body: Any) -> Any:
+    return client.post(f"/cds-services/{service}", json=body)
+
+
+def dsv(rid: str = "dsv1", **kw: Any) -> dict[str, Any]:
+    return b.service_request(rid, cpt="76496", text="Unlisted fluoroscopic procedure", body_site=CERVICAL, **kw)
+
+
+# --- discovery -------------------------------------------------------------------------------------------------
+
+
+def test_discovery_lists_one_service_per_hook(client: FlaskClient) -> None:
+    response = client.get("/cds-services")
+    assert response.status_code == 200
+    services = response.get_json()["services"]
+    assert {s["hook"] for s in services} == {"order-select", "order-sign"}
+    assert len({s["id"] for s in services}) == len(services) == 2
+    for service in services:
+        assert service["title"] and len(service["description"]) > 80
+        assert "investigational" in service["description"] and "76496" in service["description"]
+        assert service["prefetch"] == {
+            "patient": "Patient/{{context.patientId}}",
+            "coverage": "Coverage?patient={{context.patientId}}&status=active",
+        }
+
+
+def test_discovery_needs_no_authentication(tmp_path: Any) -> None:
+    from cds_service import create_app
+
+    app = create_app({"AUTH": "jwt", "DATABASE_URL": f"sqlite:///{tmp_path / 'd.db'}"})
+    assert app.test_client().get("/cds-services").status_code == 200
+    assert app.test_client().get("/health").get_json()["status"] == "ok"
+
+
+# --- the card --------------------------------------------------------------------------------------------------
+
+
+def test_order_sign_card_has_every_part(client: FlaskClient) -> None:
+    body = b.hook_request("order-sign", [dsv(), b.medication_request()])
+    response = post(client, SIGN, body)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "application/json"
+    data = response.get_json()
+    assert set(data) == {"cards", "systemActions"}
+    assert data["systemActions"] == []  # no Coverage known: no coverage assertion
+    [card] = data["cards"]
+    assert UUID.match(card["uuid"])
+    assert card["indicator"] == "warning"
+    assert len(card["summary"]) < 140
+    assert "investigational" in card["summary"].lower() and "flexion/extension" in card["summary"]
+    detail = card["detail"]
+    assert "investigational" in detail and "evidence" in detail.lower()
+    # Why this order matched, in words a clinician can check.
+    assert "CPT 76496 Unlisted fluoroscopic procedure with body site Cervical spine (SNOMED 122494005)" in detail
+    source = card["source"]
+    assert source["label"] and source["url"].startswith("https://")
+    assert {"system", "code"} <= set(source["topic"])
+    assert card["links"] and all(
+        link["type"] == "absolute" and link["url"].startswith("https://") for link in card["links"]
+    )
+    assert card["selectionBehavior"] == "at-most-one"
+    assert card["extension"] == {"davinci-crd.associated-resource": [{"reference": "ServiceRequest/dsv1"}]}
+    reasons = card["overrideReasons"]
+    assert len(reasons) >= 4 and all({"system", "code", "display"} <= set(r) for r in reasons)
+    assert any("research" in r["display"].lower() for r in reasons)
+    assert any("false alarm" in r["display"].lower() for r in reasons)
+    # No optional field is null or empty.
+    assert all(value not in (None, "", [], {}) for value in card.values())
+
+
+def test_suggestions_remove_or_replace_with_flexion_extension_radiographs(client: FlaskClient) -> None:
+    card = post(client, SIGN, b.hook_request("order-sign", [dsv()])).get_json()["cards"][0]
+    remove, replace = card["suggestions"]
+    assert all(UUID.match(s["uuid"]) for s in (remove, replace))
+    assert remove["actions"] == [
+        {"type": "delete", "description": remove["actions"][0]["description"], "resourceId": "ServiceRequest/dsv1"}
+    ]
+    delete, create = replace["actions"]
+    assert delete["type"] == "delete" and delete["resourceId"] == "ServiceRequest/dsv1" and "resource" not in delete
+    assert create["type"] == "create" and create["description"]
+    resource = create["resource"]
+    assert resource["resourceType"] == "ServiceRequest" and resource["status"] == "draft"
+    assert resource["code"]["coding"] == [
+        {
+            "system": "http://loinc.org",
+            "code": "24945-8",
+            "display": "XR Cervical spine Views W flexion and W extension",
+        }
+    ]
+    assert resource["subject"] == {"reference": "Patient/pat-1"}
+    assert resource["encounter"] == {"reference": "Encounter/enc-1"}
+    assert resource["requester"] == {"reference": "Practitioner/prac-1"}
+    assert resource["id"] != "dsv1"
+
+
+def test_lumbar_order_is_replaced_by_lumbar_radiographs(client: FlaskClient) -> None:
+    order = b.service_request("l1", text="Digital motion x-ray lumbar spine")
+    card = post(client, SIGN, b.hook_request("order-sign", [order])).get_json()["cards"][0]
+    create = card["suggestions"][1]["actions"][1]["resource"]
+    assert create["code"]["coding"][0]["code"] == "24971-4"
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        b.service_request("u1", text="DMX study"),  # region unknown
+        b.service_request("t1", text="Videofluoroscopy thoracic spine"),  # no standard alternative in the policy
+        b.service_request("m1", text="DMX of the cervical and lumbar spine"),  # two regions: no single replacement
+    ],
+)
+def test_no_replacement_when_the_region_is_unknown_or_has_no_alternative(
+    client: FlaskClient, order: dict[str, Any]
+) -> None:
+    [card] = post(client, SIGN, b.hook_request("order-sign", [order])).get_json()["cards"]
+    [remove] = card["suggestions"]
+    assert [a["type"] for a in remove["actions"]] == ["delete"]
+
+
+def test_r5_order_gets_an_r5_replacement(client: FlaskClient) -> None:
+    order = b.service_request(
+        "r5", text="Kinematic MRI of the cervical spine", r5=True, reason=[{"concept": {"text": "Neck pain"}}]
+    )
+    card = post(client, SIGN, b.hook_request("order-sign", [order])).get_json()["cards"][0]
+    resource = card["suggestions"][1]["actions"][1]["resource"]
+    assert resource["code"]["concept"]["coding"][0]["code"] == "24945-8"
+    assert resource["reason"] == [{"concept": {"text": "Neck pain"}}]
+    from fhir.resources.servicerequest import ServiceRequest
+
+    ServiceRequest.model_validate(resource)
+
+
+def test_replacement_is_a_valid_r4_service_request(client: FlaskClient) -> None:
+    from fhir.resources.R4B.servicerequest import ServiceRequest
+
+    card = post(client, SIGN, b.hook_request("order-sign", [dsv()])).get_json()["cards"][0]
+    ServiceRequest.model_validate(card["suggestions"][1]["actions"][1]["resource"])
+
+
+# --- hook semantics --------------------------------------------------------------------------------------------
+
+
+def test_order_select_judges_only_the_selected_orders(client: FlaskClient) -> None:
+    orders = [dsv("a"), dsv("b"), b.service_request("lab", text="CBC")]
+    body = b.hook_request("order-select", orders, selections=["ServiceRequest/b", "ServiceRequest/lab"])
+    cards = post(client, SELECT, body).get_json()["cards"]
+    assert [c["extension"]["davinci-crd.associated-resource"][0]["reference"] for c in cards] == ["ServiceRequest/b"]
+
+
+def test_order_select_without_the_dsv_order_selected_gives_no_guidance(client: FlaskClient) -> None:
+    body = b.hook_request("order-select", [dsv(), b.medication_request()], selections=["MedicationRequest/med1"])
+    assert post(client, SELECT, body).get_json() == {"cards": [], "systemActions": []}
+
+
+def test_order_sign_judges_every_order_one_card_each(client: FlaskClient) -> None:
+    orders = [dsv("a"), b.medication_request(), dsv("b"), b.service_request("x", text="MRI lumbar spine")]
+    cards = post(client, SIGN, b.hook_request("order-sign", orders)).get_json()["cards"]
+    refs = [c["extension"]["davinci-crd.associated-resource"][0]["reference"] for c in cards]
+    assert refs == ["ServiceRequest/a", "ServiceRequest/b"]
+    assert len({c["uuid"] for c in cards}) == 2
+
+
+def test_same_order_listed_twice_gets_one_card(client: FlaskClient) -> None:
+    cards = post(client, SIGN, b.hook_request("order-sign", [dsv(), dsv()])).get_json()["cards"]
+    assert len(cards) == 1
+
+
+def test_other_resource_types_are_skipped_without_complaint(client: FlaskClient) -> None:
+    odd = [
+        {"resourceType": "NutritionOrder", "id": "n"},
+        {"resourceType": "DeviceRequest", "id": "d", "codeCodeableConcept": {"text": "DMX"}},
+        {"resourceType": "VisionPrescription"},
+        {"no": "type"},
+    ]
+    body = b.hook_request("order-sign", [*odd, b.medication_request()])
+    assert post(client, SIGN, body).get_json() == {"cards": [], "systemActions": []}
+
+
+def test_sloppy_sandbox_shapes_are_tolerated(client: FlaskClient) -> None:
+    body = b.hook_request("order-sign", [dsv()])
+    del body["context"]["draftOrders"]["type"]  # the sandbox sends no Bundle.type
+    order = body["context"]["draftOrders"]["entry"][0]["resource"]
+    order["category"] = {"text": "Imaging"}  # an object where an array belongs
+    order["bodySite"] = order["bodySite"][0]  # here too, in a field the service reads
+    order["note"] = "not an array"
+    body["context"]["draftOrders"]["entry"].append(
+        {"resource": {"resourceType": "ServiceRequest", "code": {"coding": [{}]}}}
+    )
+    body["context"]["draftOrders"]["entry"].append("garbage")
+    response = post(client, SIGN, body)
+    assert response.status_code == 200
+    assert len(response.get_json()["cards"]) == 1
+
+
+def test_half_written_order_select_does_not_fail(client: FlaskClient) -> None:
+    order = {"resourceType": "ServiceRequest", "id": "h", "status": "draft", "code": {"coding": [{}]}}
+    body = b.hook_request("order-select", [order], selections=["ServiceRequest/h"])
+    assert post(client, SELECT, body).get_json() == {"cards": [], "systemActions": []}
+
+
+# --- errors ----------------------------------------------------------------------------------------------------
+
+
+def assert_outcome(response: Any, status: int, fragment: str = "") -> None:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.headers["Content-Type"] == "application/json"
+    body = response.get_json()
+    assert body["resourceType"] == "OperationOutcome"
+    issue = body["issue"][0]
+    assert issue["severity"] == "error" and issue["code"]
+    assert fragment.lower() in issue["diagnostics"].lower()
+
+
+def valid() -> dict[str, Any]:
+    return b.hook_request("order-sign", [dsv()])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda body: body.pop("hook"), "hook"),
+        (lambda body: body.pop("hookInstance"), "hookInstance"),
+        (lambda body: body.pop("context"), "context"),
+        (lambda body: body.update(hook="order-select"), "order-sign"),
+        (lambda body: body.update(hook=42), "hook"),
+        (lambda body: body.update(hookInstance="not-a-uuid"), "UUID"),
+        (lambda body: body.update(context=[1, 2]), "context"),
+        (lambda body: body["context"].pop("draftOrders"), "draftOrders"),
+        (lambda body: body["context"].update(draftOrders={"resourceType": "Patient"}), "Bundle"),
+        (lambda body: body["context"].update(draftOrders=[]), "Bundle"),
+    ],
+)
+def test_unusable_requests_are_400(client: FlaskClient, mutate: Any, fragment: str) -> None:
+    body = valid()
+    mutate(body)
+    assert_outcome(post(client, SIGN, body), 400, fragment)
+
+
+def test_order_select_without_selections_is_400(client: FlaskClient) -> None:
+    body = b.hook_request("order-select", [dsv()])
+    del body["context"]["selections"]
+    assert_outcome(post(client, SELECT, body), 400, "selections")
+    body["context"]["selections"] = {"a": 1}
+    assert_outcome(post(client, SELECT, body), 400, "selections")
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"[1, 2]", b'"text"', b"{", b"\xff\xfe{}", b"null"])
+def test_non_json_or_non_object_bodies_are_400(client: FlaskClient, raw: bytes) -> None:
+    response = client.post(f"/cds-services/{SIGN}", data=raw, content_type="application/json")
+    assert_outcome(response, 400)
+
+
+def test_unknown_service_is_404(client: FlaskClient) -> None:
+    assert_outcome(post(client, "no-such-service", valid()), 404, "no-such-service")
+    assert_outcome(client.get("/nothing/here"), 404)
+
+
+def test_wrong_method_is_405_with_allow(client: FlaskClient) -> None:
+    response = client.get(f"/cds-services/{SIGN}")
+    assert_outcome(response, 405)
+    assert "POST" in response.headers["Allow"]
+    assert_outcome(client.put("/cds-services"), 405)
+
+
+def test_body_over_5_mb_is_413(client: FlaskClient) -> None:
+    body = valid()
+    body["padding"] = "x" * (5 * 1024 * 1024)
+    response = client.post(f"/cds-services/{SIGN}", data=json.dumps(body), content_type="application/json")
+    assert_outcome(response, 413)
+
+
+def test_jwt_mode_without_a_token_is_401(tmp_path: Any) -> None:
+    from cds_service import create_app
+
+    app = create_app({"AUTH": "jwt", "DATABASE_URL": f"sqlite:///{tmp_path / 'j.db'}"})
+    response = app.test_client().post(f"/cds-services/{SIGN}", json=valid())
+    assert_outcome(response, 401)
+    assert response.get_json()["issue"][0]["diagnostics"] == "Unauthorized."
+
+
+def test_service_responses_carry_security_headers(client: FlaskClient) -> None:
+    for response in (post(client, SIGN, valid()), post(client, SIGN, {"x": 1})):
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Cache-Control"] == "no-store"
