@@ -53,7 +53,7 @@ def test_bad_settings_stop_start_up(name: str, value: str) -> None:
 
 def test_broken_policy_folder_stops_start_up_naming_the_file(tmp_path: Path) -> None:
     (tmp_path / "broken.yaml").write_text("policy: [this is not a mapping\n")
-    with pytest.raises(PolicyError, match="broken.yaml"):
+    with pytest.raises(PolicyError, match=r"broken\.yaml"):
         create_app({"POLICY_DIR": str(tmp_path), "AUTH": "off"})
 
 
