@@ -102,7 +102,7 @@ def test_broken_policy_names_file_place_and_problem(tmp_path: Path, path: str, v
 def test_not_a_policy_document(tmp_path: Path, content: str) -> None:
     path = tmp_path / "p.yaml"
     path.write_text(content)
-    with pytest.raises(PolicyError, match="p.yaml"):
+    with pytest.raises(PolicyError, match=r"p\.yaml"):
         load_policy(path)
 
 
