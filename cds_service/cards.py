@@ -115,6 +115,11 @@ def _suggestions(verdict: Verdict, request: HookRequest) -> list[dict[str, Any]]
     return suggestions
 
 
+def _choice(value: Any, allowed: set[str], default: str | None) -> str | None:
+    """A client's code if it is one of ours; client JSON may hold a list or object there (unhashable)."""
+    return value if isinstance(value, str) and value in allowed else default
+
+
 def _reference(value: Any) -> dict[str, str] | None:
     if isinstance(value, dict) and isinstance(value.get("reference"), str) and value["reference"].strip():
         ref = {"reference": value["reference"].strip()}
@@ -147,13 +152,14 @@ def alternative_order(verdict: Verdict, alternative: Alternative, request: HookR
         "resourceType": "ServiceRequest",
         "id": str(uuid.uuid5(_ALTERNATIVE_NS, f"{verdict.order.reference}|{alternative.region}")),
         "status": "draft",
-        "intent": original.get("intent") if original.get("intent") in _INTENTS else "order",
+        "intent": _choice(original.get("intent"), _INTENTS, "order"),
         "category": [c for c in as_list(original.get("category")) if isinstance(c, dict)] or [_IMAGING],
     }
     concept = {"coding": [alternative.code.to_fhir()], "text": alternative.code.display}
     resource["code"] = {"concept": concept} if shape == "R5" else concept
-    if original.get("priority") in _PRIORITIES:
-        resource["priority"] = original["priority"]
+    priority = _choice(original.get("priority"), _PRIORITIES, None)
+    if priority:
+        resource["priority"] = priority
     resource["subject"] = subject
     encounter = _reference(original.get("encounter")) or _context_reference(("Encounter",), request.encounter_id)
     if encounter:

@@ -123,14 +123,25 @@ def _depth(value: Any, limit: int) -> bool:
     return False
 
 
+def _get(value: Any, *keys: str) -> Any:
+    """value[k1][k2]... through objects only; None where the client's shape differs."""
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
 def _same_assertion(existing: Any, coverage: str, billing_code: str | None) -> bool:
     if not isinstance(existing, dict) or existing.get("url") != COVERAGE_INFO_URL:
         return False
-    parts = {e.get("url"): e for e in existing.get("extension", []) if isinstance(e, dict)}
-    ref = (parts.get("coverage") or {}).get("valueReference") or {}
-    covered = (parts.get("covered") or {}).get("valueCode")
-    code = ((parts.get("billingCode") or {}).get("valueCoding") or {}).get("code")
-    return ref.get("reference") == coverage and covered == "not-covered" and code == billing_code
+    nested = existing.get("extension")
+    parts = {e.get("url"): e for e in (nested if isinstance(nested, list) else []) if isinstance(e, dict)}
+    return (
+        _get(parts, "coverage", "valueReference", "reference") == coverage
+        and _get(parts, "covered", "valueCode") == "not-covered"
+        and _get(parts, "billingCode", "valueCoding", "code") == billing_code
+    )
 
 
 def coverage_action(verdict: Verdict, coverage_reference: str, today: date) -> CoverageAction | None:

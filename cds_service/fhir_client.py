@@ -14,6 +14,7 @@ import requests
 
 from .crd import CoverageResult
 from .errors import ServiceError
+from .orders import as_list
 
 if TYPE_CHECKING:
     from .hooks import HookRequest
@@ -93,7 +94,7 @@ class FhirReader:
             if body.get("resourceType") != "Bundle":
                 resources.append(body)
                 break
-            for entry in body.get("entry") or []:
+            for entry in as_list(body.get("entry")):
                 if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
                     resources.append(entry["resource"])
             url = _next_link(body, base)
@@ -130,7 +131,7 @@ class FhirReader:
 
 
 def _next_link(bundle: dict[str, Any], base: str) -> str | None:
-    for link in bundle.get("link") or []:
+    for link in as_list(bundle.get("link")):
         if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
             nxt = link["url"]
             # Follow pages only on the same server: a next link elsewhere would carry the token away.
@@ -176,7 +177,7 @@ class CoverageFinder:
             if kind == "Coverage":
                 return CoverageResult(choose_coverage([value], notes), notes)
             if kind == "Bundle":
-                entries = [e.get("resource") for e in value.get("entry") or [] if isinstance(e, dict)]
+                entries = [e.get("resource") for e in as_list(value.get("entry")) if isinstance(e, dict)]
                 chosen = choose_coverage(entries, notes)
                 return CoverageResult(chosen, notes or ([] if chosen else ["prefetch coverage has no active one"]))
             if kind == "OperationOutcome":

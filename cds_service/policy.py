@@ -64,6 +64,8 @@ class CodeSet:
 
     def __contains__(self, code: str) -> bool:
         code = _norm_code(code)
+        if not code:
+            return False
         if code in self.exact:
             return True
         for low, high in self.ranges:

@@ -300,3 +300,34 @@ def test_service_responses_carry_security_headers(client: FlaskClient) -> None:
     for response in (post(client, SIGN, valid()), post(client, SIGN, {"x": 1})):
         assert response.headers["X-Content-Type-Options"] == "nosniff"
         assert response.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"intent": ["order"], "priority": {"x": 1}},
+        {"extension": 5},
+        {
+            "extension": [
+                {
+                    "url": "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/ext-coverage-information",
+                    "extension": {"url": "coverage", "valueReference": "Coverage/c"},
+                }
+            ]
+        },
+        {"code": {"coding": [{"system": b.CPT, "code": "."}, {"system": b.CPT, "code": 76496}], "text": "DMX"}},
+        {"subject": "Patient/pat-1", "requester": ["x"], "encounter": 3},
+    ],
+)
+def test_odd_shapes_inside_a_flagged_order_never_fail(client: FlaskClient, fields: dict[str, Any]) -> None:
+    order = dsv(**fields)
+    prefetch = {
+        "coverage": {
+            "resourceType": "Bundle",
+            "entry": {"resource": {"resourceType": "Coverage", "id": "c"}},
+            "link": 7,
+        }
+    }
+    response = post(client, SIGN, b.hook_request("order-sign", [order], prefetch=prefetch))
+    assert response.status_code == 200
+    assert len(response.get_json()["cards"]) == 1
