@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .audit import AuditSink, NullAudit
 from .auth import Authenticator, JtiStore, MemoryJtiStore, build_authenticator
 from .fhir_client import CoverageFinder, FhirReader, FhirSettings
 from .policy import PolicySet, load_policies
+
+if TYPE_CHECKING:
+    from .store import Store
 
 
 @dataclass
@@ -28,16 +31,24 @@ class Runtime:
         return self.settings["PUBLIC_URL"]
 
 
-def build_runtime(settings: dict[str, Any], *, offline: bool = False) -> Runtime:
-    """Everything a call needs, from checked settings; shared by the web app and the command line."""
+def build_runtime(settings: dict[str, Any], *, offline: bool = False, store: Store | None = None) -> Runtime:
+    """Everything a call needs, from checked settings; shared by the web app and the command line.
+
+    With a store (the web app), the audit log and the jti store are the database's, shared by every worker and
+    instance; without one (`cds-service evaluate`), nothing is recorded and jtis are remembered in this process.
+    """
     policies = load_policies(settings["POLICY_DIR"])
     reader = FhirReader(
         FhirSettings(timeout=settings["FHIR_TIMEOUT"], allow_http=settings["ALLOW_HTTP_FHIR"], offline=offline)
     )
-    jti_store: JtiStore = MemoryJtiStore()
-    return Runtime(
+    jti_store: JtiStore = store.jti_store if store is not None else MemoryJtiStore()
+    rt = Runtime(
         settings=settings,
         policies=policies,
         coverage=CoverageFinder(reader),
         authenticator=build_authenticator(settings, jti_store) if settings["AUTH"] == "jwt" else None,
     )
+    if store is not None:
+        rt.audit = store.audit
+        rt.health = store.health
+    return rt

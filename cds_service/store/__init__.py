@@ -1,0 +1,156 @@
+"""The service's database: audit log, feedback, JWT ids seen; one Store per app, safe across gunicorn's fork."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any
+
+from ..audit import AuditSink, NullAudit
+from ..auth import Identity
+from ..feedback import FeedbackItem
+from .audit_writer import AuditWriter
+from .db import Database, SchemaTooNew, StoreUnavailable, database_url, safe_url
+from .feedback_store import SaveResult, save_feedback
+from .jti import DatabaseJtiStore
+from .schema import check_not_newer, current_revision, head_revision, upgrade
+
+__all__ = ["SchemaTooNew", "Store", "StoreUnavailable", "open_store"]
+
+log = logging.getLogger(__name__)
+
+_HEALTH_TTL = 5.0
+_open_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+class Store:
+    """Everything the app keeps in the database. Nothing connects until first use, in the process that uses it."""
+
+    def __init__(self, db: Database, *, audit: bool = True) -> None:
+        self.db = db
+        self.writer = AuditWriter(db, self.ensure_schema)
+        self.audit: AuditSink = self.writer if audit else NullAudit()
+        self.jti_store = DatabaseJtiStore(db, self.ensure_schema)
+        self._schema_ok_pid = 0
+        self._schema_lock = threading.Lock()
+        self._probe: tuple[float, str | None] = (0.0, None)
+        _open_stores.add(self)
+
+    # -- schema --------------------------------------------------------------------------------------------------
+    def ensure_schema(self) -> None:
+        """Once per process: bring the schema to this code's head (the embedded default needs no set-up step).
+
+        Raises StoreUnavailable when the database cannot be reached, SchemaTooNew when a newer release migrated it.
+        """
+        if self._schema_ok_pid == os.getpid():
+            return
+        with self._schema_lock:
+            if self._schema_ok_pid == os.getpid():
+                return
+            revision = current_revision(self.db)
+            check_not_newer(revision)
+            if revision != head_revision():
+                upgrade(self.db)
+            self._schema_ok_pid = os.getpid()
+
+    def upgrade(self) -> tuple[str | None, str]:
+        before, after = upgrade(self.db)
+        self._schema_ok_pid = os.getpid()
+        return before, after
+
+    def revision(self) -> str | None:
+        return current_revision(self.db)
+
+    def prepare_serve(self) -> None:
+        """`cds-service serve`, before forking: migrate, or stop start-up with a message that says why."""
+        try:
+            before, after = self.upgrade()
+        except StoreUnavailable as exc:
+            raise RuntimeError(f"cannot reach the database {safe_url(self.db.url)}: {exc}") from exc
+        if before != after:
+            log.info("database %s migrated from %s to %s", safe_url(self.db.url), before or "empty", after)
+        # The master's connections must not be shared with the workers it forks.
+        self.db.dispose()
+
+    # -- health --------------------------------------------------------------------------------------------------
+    def _check(self) -> str | None:
+        """None when the store works, else why not."""
+        try:
+            self.ensure_schema()
+            self.db.ping()
+        except (StoreUnavailable, SchemaTooNew) as exc:
+            return str(exc)
+        return None
+
+    def health(self) -> dict[str, Any]:
+        """For /health (liveness, always 200): the store's state, probed at most every few seconds."""
+        checked_at, problem = self._probe
+        if time.monotonic() - checked_at > _HEALTH_TTL:
+            problem = self._check()
+            self._probe = (time.monotonic(), problem)
+        return self._describe(problem)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """For /ready: probe now; ready when the database answers and audit records are being written."""
+        problem = self._check()
+        self._probe = (time.monotonic(), problem)
+        body = self._describe(problem)
+        return body.get("status") != "degraded", body
+
+    def _describe(self, problem: str | None) -> dict[str, Any]:
+        audit_ok = not isinstance(self.audit, AuditWriter) or self.writer.healthy()
+        store: dict[str, Any] = {
+            "backend": self.db.backend,
+            "status": "ok" if problem is None and audit_ok else "unreachable" if problem else "audit writes failing",
+        }
+        if problem:
+            store["error"] = problem
+        store["audit"] = self.writer.stats() if isinstance(self.audit, AuditWriter) else "off"
+        if self.jti_store.failures:
+            store["jtiFailures"] = self.jti_store.failures
+        body: dict[str, Any] = {"store": store}
+        if store["status"] != "ok":
+            body["status"] = "degraded"
+        return body
+
+    # -- feedback ------------------------------------------------------------------------------------------------
+    def save_feedback(self, service_id: str, items: list[FeedbackItem], identity: Identity) -> SaveResult:
+        # Cards this worker answered a moment ago may still be queued: write them so the feedback links to them.
+        if isinstance(self.audit, AuditWriter):
+            self.writer.flush(timeout=1.0)
+        return save_feedback(self.db, self.ensure_schema, service_id, items, identity)
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    def server_hooks(self) -> dict[str, Any]:
+        """gunicorn hooks: a fresh pool in each forked worker; every answered record written before a worker exits."""
+
+        def post_fork(_server: Any, _worker: Any) -> None:
+            self.db.after_fork()
+
+        def worker_exit(_server: Any, _worker: Any) -> None:
+            self.writer.close()
+
+        return {"post_fork": post_fork, "worker_exit": worker_exit}
+
+    def close(self) -> None:
+        self.writer.close()
+        self.db.dispose()
+
+
+def open_store(settings: dict[str, Any], instance_path: str | os.PathLike[str]) -> Store:
+    """The Store for the settings (CDS_DATABASE_URL, CDS_AUDIT); connects lazily."""
+    return Store(Database(database_url(settings.get("DATABASE_URL"), instance_path)), audit=settings["AUDIT"])
+
+
+@atexit.register
+def _close_open_stores() -> None:
+    # Outside gunicorn (flask run, the test client, scripts) this is what writes the last queued records.
+    for store in list(_open_stores):
+        try:
+            store.writer.close()
+        except Exception:  # at exit, a failure to close one store must not stop the others
+            log.exception("closing the audit writer failed")

@@ -1,0 +1,339 @@
+"""The audit sink: hook threads queue records; one thread per process writes them in batches, off the hot path."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import String, Table
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+
+from ..audit import CallRecord
+from .db import Database, SchemaTooNew, StoreUnavailable, short_error
+from .models import audit_call, audit_card
+
+log = logging.getLogger(__name__)
+
+_FLUSH = object()
+_STOP = object()
+
+
+def clean(value: Any, limit: int | None = None) -> Any:
+    """Strings as PostgreSQL takes them: no NUL characters, cut to the column's length."""
+    if not isinstance(value, str):
+        return value
+    value = value.replace("\x00", "")
+    return value[:limit] if limit else value
+
+
+def column_limit(table: Table, name: str) -> int | None:
+    column_type = table.c[name].type
+    return column_type.length if isinstance(column_type, String) else None
+
+
+def insert_ignoring_duplicates(table: Table, backend: str) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING: a row written twice (a retried batch, a resent item) is kept once."""
+    dialect = postgresql if backend == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing()
+
+
+def call_rows(call_id: str, call: CallRecord) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The audit_call row and its audit_card rows for one record (fields named in CallRecord, nothing else)."""
+    row: dict[str, Any] = {
+        "call_id": call_id,
+        "started_at": call.started_at,
+        "service_id": call.service_id,
+        "hook": call.hook,
+        "hook_instance": call.hook_instance,
+        "iss": call.iss,
+        "tenant": call.tenant,
+        "jti": call.jti,
+        "user_id": call.user_id,
+        "patient_id": call.patient_id,
+        "status": call.status,
+        "error": call.error,
+        "duration_ms": float(call.duration_ms),
+        "orders": call.orders,
+        "cards": call.cards,
+        "system_actions": call.system_actions,
+        "coverage_assertions": call.coverage_assertions,
+        "notes": call.notes,
+    }
+    for name, value in row.items():
+        row[name] = clean(value, column_limit(audit_call, name))
+    cards = [
+        {
+            "card_uuid": clean(card["uuid"], column_limit(audit_card, "card_uuid")),
+            "call_id": call_id,
+            "service_id": row["service_id"],
+            "started_at": call.started_at,
+        }
+        for card in call.cards
+        if isinstance(card.get("uuid"), str) and card["uuid"]
+    ]
+    return row, cards
+
+
+@dataclass
+class AuditStats:
+    """Counters for /health: what this process queued, wrote, failed to write and dropped."""
+
+    queued: int = 0
+    written: int = 0
+    dropped: int = 0
+    failed_writes: int = 0
+    failing_since: float | None = None
+    last_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pending": self.queued - self.written - self.dropped,
+            "written": self.written,
+            "failedWrites": self.failed_writes,
+            "dropped": self.dropped,
+            **({"lastError": self.last_error} if self.last_error else {}),
+        }
+
+
+@dataclass
+class _ProcessState:
+    """The queue and writer thread of one process: a forked worker builds its own on first use."""
+
+    pid: int
+    queue: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
+    thread: threading.Thread | None = None
+    done: threading.Condition = field(default_factory=threading.Condition)
+    stats: AuditStats = field(default_factory=AuditStats)
+    stop_at: float | None = None  # set by close(): give up retrying after this monotonic time
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+
+class AuditWriter:
+    """AuditSink that writes to the database. record() only queues (a few microseconds); it never raises."""
+
+    def __init__(
+        self,
+        db: Database,
+        ensure_schema: Any,
+        *,
+        batch_window: float = 0.2,
+        max_batch: int = 500,
+        max_pending: int = 100_000,
+    ) -> None:
+        self.db = db
+        self._ensure_schema = ensure_schema
+        self.batch_window = batch_window
+        self.max_batch = max_batch
+        self.max_pending = max_pending
+        self._lock = threading.Lock()
+        self._state: _ProcessState | None = None
+
+    # -- the hook side -------------------------------------------------------------------------------------------
+    def record(self, call: CallRecord) -> None:
+        try:
+            state = self._process_state(start=True)
+            stats = state.stats
+            with state.done:
+                if stats.queued - stats.written - stats.dropped >= self.max_pending:
+                    stats.dropped += 1
+                    stats.queued += 1
+                    dropped = stats.dropped
+                else:
+                    stats.queued += 1
+                    dropped = 0
+            if dropped:
+                if dropped == 1 or dropped % 1000 == 0:
+                    log.error("audit queue full (%d records waiting): %d records dropped", self.max_pending, dropped)
+                return
+            state.queue.put((str(uuid.uuid4()), call))
+        except Exception:  # the hook must answer whatever happens to its audit record
+            log.exception("could not queue an audit record")
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    def _process_state(self, *, start: bool) -> _ProcessState:
+        pid = os.getpid()
+        state = self._state
+        if state is None or state.pid != pid:
+            with self._lock:
+                state = self._state
+                if state is None or state.pid != pid:
+                    # A new process (first use, or a gunicorn worker after fork): the parent's queue, locks and
+                    # thread do not carry over, so start afresh.
+                    state = _ProcessState(pid=pid)
+                    self._state = state
+        if start and state.thread is None:
+            with self._lock:
+                if state.thread is None:
+                    state.thread = threading.Thread(
+                        target=self._run, args=(state,), name="cds-audit-writer", daemon=True
+                    )
+                    state.thread.start()
+        return state
+
+    def stats(self) -> dict[str, Any]:
+        state = self._process_state(start=False)
+        with state.done:
+            return state.stats.as_dict()
+
+    def healthy(self) -> bool:
+        return self._process_state(start=False).stats.failing_since is None
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every record queued so far is written (or dropped); False if time ran out."""
+        state = self._process_state(start=False)
+        if state.thread is None:
+            return True
+        with state.done:
+            target = state.stats.queued
+        state.queue.put(_FLUSH)
+        deadline = time.monotonic() + timeout
+        with state.done:
+            while state.stats.written + state.stats.dropped < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not state.done.wait(remaining):
+                    return state.stats.written + state.stats.dropped >= target
+        return True
+
+    def close(self, timeout: float = 15.0) -> None:
+        """Write everything queued, then stop the thread (gunicorn worker_exit, atexit). Idempotent."""
+        state = self._state
+        if state is None or state.pid != os.getpid() or state.thread is None:
+            return
+        state.stop_at = time.monotonic() + timeout
+        state.stopping.set()
+        state.queue.put(_STOP)
+        state.thread.join(timeout + 1)
+        with self._lock:
+            if self._state is state:
+                self._state = None  # a record after close() starts a new writer
+        with state.done:
+            lost = state.stats.queued - state.stats.written - state.stats.dropped
+        if lost:
+            log.error("audit: %d answered calls could not be written before exit (%s)", lost, state.stats.last_error)
+        else:
+            log.info("audit: all %d records of this process written", state.stats.written)
+
+    # -- the writer thread ---------------------------------------------------------------------------------------
+    def _run(self, state: _ProcessState) -> None:
+        stop = False
+        while not stop:
+            batch: list[tuple[str, CallRecord]] = []
+            item = state.queue.get()
+            deadline = time.monotonic() + self.batch_window
+            while True:
+                if item is _STOP:
+                    stop = True
+                elif item is not _FLUSH:
+                    batch.append(item)
+                if stop or item is _FLUSH or len(batch) >= self.max_batch:
+                    break
+                remaining = deadline - time.monotonic()
+                try:
+                    item = state.queue.get(timeout=remaining) if remaining > 0 else state.queue.get_nowait()
+                except queue.Empty:
+                    break
+            if stop:  # take whatever else is queued: it was answered and must be written too
+                while True:
+                    try:
+                        item = state.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not _STOP and item is not _FLUSH:
+                        batch.append(item)
+            for start in range(0, len(batch), self.max_batch):
+                self._write_with_retry(state, batch[start : start + self.max_batch])
+            with state.done:
+                state.done.notify_all()
+
+    def _write_with_retry(self, state: _ProcessState, batch: list[tuple[str, CallRecord]]) -> None:
+        if not batch:
+            return
+        delay = 0.25
+        while True:
+            try:
+                self._write(batch)
+            except (StoreUnavailable, SchemaTooNew, DBAPIError) as exc:
+                if isinstance(exc, DBAPIError) and not exc.connection_invalidated and not _is_connectivity(exc):
+                    self._write_one_by_one(state, batch)
+                    return
+                self._failed(state, exc, len(batch))
+                if state.stop_at is not None and time.monotonic() >= state.stop_at:
+                    return
+                if state.stop_at is None:
+                    state.stopping.wait(delay)  # close() wakes it: from then on its deadline bounds the retries
+                else:
+                    time.sleep(min(delay, 0.5, max(0.0, state.stop_at - time.monotonic())))
+                delay = min(delay * 2, 5.0)
+                continue
+            except SQLAlchemyError as exc:
+                self._failed(state, exc, len(batch))
+                self._write_one_by_one(state, batch)
+                return
+            self._written(state, len(batch))
+            return
+
+    def _write_one_by_one(self, state: _ProcessState, batch: list[tuple[str, CallRecord]]) -> None:
+        """A batch the database refuses (not a connection problem): keep every record it accepts, drop the rest."""
+        for entry in batch:
+            try:
+                self._write([entry])
+            except Exception as exc:
+                log.error("audit record %s for %s refused: %s", entry[0], entry[1].service_id, short_error(exc))
+                with state.done:
+                    state.stats.dropped += 1
+            else:
+                self._written(state, 1)
+
+    def _write(self, batch: list[tuple[str, CallRecord]]) -> None:
+        self._ensure_schema()
+        calls: list[dict[str, Any]] = []
+        cards: list[dict[str, Any]] = []
+        for call_id, call in batch:
+            row, card_rows = call_rows(call_id, call)
+            calls.append(row)
+            cards.extend(card_rows)
+        with self.db.engine.begin() as conn:
+            conn.execute(insert_ignoring_duplicates(audit_call, self.db.backend), calls)
+            if cards:
+                conn.execute(insert_ignoring_duplicates(audit_card, self.db.backend), cards)
+
+    def _written(self, state: _ProcessState, count: int) -> None:
+        with state.done:
+            stats = state.stats
+            stats.written += count
+            if stats.failing_since is not None:
+                log.warning(
+                    "audit store reachable again after %.1f s; %d records waiting",
+                    time.monotonic() - stats.failing_since,
+                    stats.queued - stats.written - stats.dropped,
+                )
+            stats.failing_since = None
+            stats.last_error = None
+
+    def _failed(self, state: _ProcessState, exc: BaseException, count: int) -> None:
+        with state.done:
+            stats = state.stats
+            stats.failed_writes += 1
+            stats.last_error = short_error(exc) if not isinstance(exc, StoreUnavailable | SchemaTooNew) else str(exc)
+            first = stats.failing_since is None
+            if first:
+                stats.failing_since = time.monotonic()
+            pending = stats.queued - stats.written - stats.dropped
+            failures = stats.failed_writes
+        # Log the first failure of a streak and then every 20th, not every retry.
+        if first or failures % 20 == 0:
+            log.error(
+                "audit write failed (%d records waiting, %d failed writes): %s", pending, failures, stats.last_error
+            )
+
+
+def _is_connectivity(exc: DBAPIError) -> bool:
+    """OperationalError covers lost connections, a locked SQLite file and a missing table alike: retry them all."""
+    return isinstance(exc, OperationalError | InterfaceError)

@@ -1,0 +1,76 @@
+"""Feedback items, stored durably before the answer, each linked to the card (and call) it concerns when known."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..auth import Identity
+from ..feedback import FeedbackItem
+from .audit_writer import clean, column_limit, insert_ignoring_duplicates
+from .db import Database, StoreUnavailable, short_error
+from .models import audit_card, feedback
+
+
+@dataclass
+class SaveResult:
+    stored: int = 0
+    duplicates: int = 0
+    unknown_cards: list[str] = field(default_factory=list)
+
+
+def save_feedback(
+    db: Database,
+    ensure_schema: Callable[[], None],
+    service_id: str,
+    items: list[FeedbackItem],
+    identity: Identity,
+) -> SaveResult:
+    """Insert the items in one transaction; an item already stored (same content) is counted, not stored again."""
+    ensure_schema()
+    now = datetime.now(UTC)
+    result = SaveResult()
+    try:
+        with db.engine.begin() as conn:
+            uuids = sorted({item.card for item in items})
+            known = dict(
+                conn.execute(
+                    select(audit_card.c.card_uuid, audit_card.c.call_id).where(
+                        audit_card.c.card_uuid.in_(uuids), audit_card.c.service_id == service_id
+                    )
+                ).all()
+            )
+            for item in items:
+                call_id = known.get(item.card)
+                row = {
+                    "dedupe_key": item.dedupe_key(service_id),
+                    "received_at": now,
+                    "service_id": service_id,
+                    "card_uuid": item.card,
+                    "card_known": call_id is not None,
+                    "call_id": call_id,
+                    "outcome": item.outcome,
+                    "accepted_suggestions": list(item.accepted_suggestions),
+                    "override_system": item.override_system,
+                    "override_code": item.override_code,
+                    "override_display": item.override_display,
+                    "user_comment": item.user_comment,
+                    "outcome_timestamp": item.outcome_timestamp,
+                    "iss": identity.iss,
+                    "tenant": identity.tenant,
+                }
+                row = {name: clean(value, column_limit(feedback, name)) for name, value in row.items()}
+                added = conn.execute(insert_ignoring_duplicates(feedback, db.backend).values(**row)).rowcount
+                if added:
+                    result.stored += 1
+                else:
+                    result.duplicates += 1
+                if call_id is None and item.card not in result.unknown_cards:
+                    result.unknown_cards.append(item.card)
+    except SQLAlchemyError as exc:
+        raise StoreUnavailable(short_error(exc)) from exc
+    return result

@@ -1,0 +1,389 @@
+"""The monthly report for the CDS committee: calls, orders flagged, cards, what clinicians did with them, and why."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import textwrap
+from collections import Counter, defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import select
+
+from .db import Database
+from .models import audit_call, feedback
+
+# Human names for matching.Evidence kinds.
+EVIDENCE_KINDS = {
+    "billing_code": "billing code",
+    "technique": "technique named",
+    "spine": "spine named",
+    "other_region": "other region named",
+    "look_alike": "look-alike named",
+}
+REMOVED = "removed the order"
+SWITCHED = "switched to the suggested alternative order"
+DEFINITIONS = [
+    "Calls, orders and cards: calls that started in the period. An order judged at order-select and again at "
+    "order-sign counts once per call.",
+    "Feedback: items whose outcomeTimestamp is in the period. A card's outcome is its latest item "
+    "(by outcomeTimestamp). Items for card uuids not in the audit log are counted apart, not in the rates.",
+    "Override rate: overridden cards / cards with an outcome.",
+    "Latency: answered calls (HTTP 200), nearest-rank percentiles of the time the service spent on the call.",
+]
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile: the smallest value with at least q of the values at or below it (exact, no blend)."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def _suggestion_kind(actions: list[Any]) -> str:
+    if "create" in actions:
+        return SWITCHED
+    if actions and all(a == "delete" for a in actions):
+        return REMOVED
+    return "other suggestion"
+
+
+def build_report(db: Database, since: datetime | None = None, until: datetime | None = None) -> dict[str, Any]:
+    """Every number of the report, computed from the audit log and feedback tables."""
+    until = until or datetime.now(UTC)
+    calls_by_hook: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    judged_by_policy: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    evidence_kinds: Counter[str] = Counter()
+    errors: dict[int, Counter[str]] = defaultdict(Counter)
+    durations: list[float] = []
+    shown: set[str] = set()
+    judged = flagged = 0
+
+    call_filter = [audit_call.c.started_at < until]
+    if since:
+        call_filter.append(audit_call.c.started_at >= since)
+    fb_filter = [feedback.c.outcome_timestamp < until]
+    if since:
+        fb_filter.append(feedback.c.outcome_timestamp >= since)
+
+    with db.engine.connect() as conn:
+        rows = conn.execution_options(yield_per=1000).execute(
+            select(
+                audit_call.c.service_id,
+                audit_call.c.hook,
+                audit_call.c.status,
+                audit_call.c.error,
+                audit_call.c.duration_ms,
+                audit_call.c.orders,
+                audit_call.c.cards,
+            ).where(*call_filter)
+        )
+        for service_id, hook, status, error, duration_ms, orders, cards in rows:
+            counter = calls_by_hook[(hook or "", service_id)]
+            counter["calls"] += 1
+            if status != 200:
+                counter["errors"] += 1
+                errors[status][error or "(no reason recorded)"] += 1
+                continue
+            counter["answered"] += 1
+            durations.append(float(duration_ms))
+            for order in orders or []:
+                judged += 1
+                key = (str(order.get("policy")), str(order.get("policyVersion")))
+                judged_by_policy[key]["judged"] += 1
+                if order.get("verdict") == "flagged":
+                    flagged += 1
+                    judged_by_policy[key]["flagged"] += 1
+                    for kind in sorted({str(e.get("kind")) for e in order.get("evidenceFor") or []}):
+                        evidence_kinds[kind] += 1
+            for card in cards or []:
+                if card.get("uuid"):
+                    shown.add(card["uuid"])
+
+        items = conn.execute(
+            select(
+                feedback.c.id,
+                feedback.c.card_uuid,
+                feedback.c.call_id,
+                feedback.c.outcome,
+                feedback.c.accepted_suggestions,
+                feedback.c.override_system,
+                feedback.c.override_code,
+                feedback.c.override_display,
+                feedback.c.user_comment,
+                feedback.c.outcome_timestamp,
+            )
+            .where(*fb_filter)
+            .order_by(feedback.c.outcome_timestamp, feedback.c.id)
+        ).all()
+        call_ids = sorted({item.call_id for item in items if item.call_id})
+        suggestion_of: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(call_ids), 500):
+            chunk = call_ids[start : start + 500]
+            for (cards,) in conn.execute(select(audit_call.c.cards).where(audit_call.c.call_id.in_(chunk))):
+                for card in cards or []:
+                    for suggestion in card.get("suggestions") or []:
+                        if suggestion.get("uuid"):
+                            suggestion_of[suggestion["uuid"]] = suggestion
+
+    latest: dict[str, Any] = {}
+    unknown_items = 0
+    for item in items:  # ordered by time: the last one wins
+        if item.call_id is None:
+            unknown_items += 1
+        else:
+            latest[item.card_uuid] = item
+
+    accepted: Counter[tuple[str, str]] = Counter()
+    reasons: dict[tuple[str, str, str], list[dict[str, str]]] = defaultdict(list)
+    accepted_cards = overridden_cards = 0
+    for card_uuid, item in sorted(latest.items(), key=lambda kv: (kv[1].outcome_timestamp, kv[1].id)):
+        if item.outcome == "accepted":
+            accepted_cards += 1
+            for suggestion_id in item.accepted_suggestions or []:
+                suggestion = suggestion_of.get(suggestion_id)
+                if suggestion is None:
+                    accepted[("unknown suggestion", suggestion_id)] += 1
+                else:
+                    accepted[(_suggestion_kind(suggestion.get("actions") or []), suggestion.get("label") or "")] += 1
+        else:
+            overridden_cards += 1
+            key = (item.override_code or "", item.override_display or "", item.override_system or "")
+            reasons[key].append(
+                {
+                    "card": card_uuid,
+                    "at": _iso(item.outcome_timestamp),
+                    "comment": item.user_comment or "",
+                }
+            )
+
+    with_outcome = accepted_cards + overridden_cards
+    durations.sort()
+
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value, 3)
+
+    kinds_accepted = Counter[str]()
+    for (kind, _label), count in accepted.items():
+        kinds_accepted[kind] += count
+    return {
+        "period": {
+            "since": _iso(since) if since else None,
+            "until": _iso(until),
+        },
+        "calls": {
+            "total": sum(c["calls"] for c in calls_by_hook.values()),
+            "answered": sum(c["answered"] for c in calls_by_hook.values()),
+            "errors": sum(c["errors"] for c in calls_by_hook.values()),
+            "byHook": [
+                {
+                    "hook": hook,
+                    "service": service,
+                    "calls": c["calls"],
+                    "answered": c["answered"],
+                    "errors": c["errors"],
+                }
+                for (hook, service), c in sorted(calls_by_hook.items())
+            ],
+        },
+        "orders": {
+            "judged": judged,
+            "flagged": flagged,
+            "byPolicy": [
+                {"policy": policy, "version": version, "judged": c["judged"], "flagged": c["flagged"]}
+                for (policy, version), c in sorted(judged_by_policy.items())
+            ],
+            "flaggedByEvidenceKind": dict(sorted(evidence_kinds.items(), key=lambda kv: (-kv[1], kv[0]))),
+        },
+        "cards": {
+            "shown": len(shown),
+            "withOutcome": with_outcome,
+            "shownInPeriodWithOutcome": len(shown & latest.keys()),
+        },
+        "feedback": {
+            "items": len(items),
+            "itemsForUnknownCards": unknown_items,
+            "accepted": accepted_cards,
+            "acceptedBySuggestion": [
+                {"kind": kind, "label": label, "count": count}
+                for (kind, label), count in sorted(accepted.items(), key=lambda kv: (-kv[1], kv[0]))
+            ],
+            "acceptedByKind": dict(sorted(kinds_accepted.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "overridden": overridden_cards,
+            "overrideRate": round(overridden_cards / with_outcome, 4) if with_outcome else None,
+            "overridesByReason": [
+                {
+                    "code": code,
+                    "display": display,
+                    "system": system,
+                    "count": len(entries),
+                    "comments": [e for e in entries if e["comment"]],
+                }
+                for (code, display, system), entries in sorted(reasons.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+            ],
+        },
+        "latencyMs": {
+            "count": len(durations),
+            "p50": ms(percentile(durations, 0.50)),
+            "p95": ms(percentile(durations, 0.95)),
+            "p99": ms(percentile(durations, 0.99)),
+            "max": ms(durations[-1] if durations else None),
+        },
+        "errors": {
+            "total": sum(sum(c.values()) for c in errors.values()),
+            "byStatus": [
+                {
+                    "status": status,
+                    "count": sum(c.values()),
+                    "reasons": [
+                        {"reason": r, "count": n} for r, n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))
+                    ],
+                }
+                for status, c in sorted(errors.items())
+            ],
+        },
+        "definitions": DEFINITIONS,
+    }
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "n/a"
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def render_text(report: dict[str, Any]) -> str:
+    """The report as a committee reads it: headline numbers first, then the detail, aligned."""
+    period = report["period"]
+    calls, orders, cards, fb = report["calls"], report["orders"], report["cards"], report["feedback"]
+    latency, errors = report["latencyMs"], report["errors"]
+    lines: list[str] = []
+    add = lines.append
+    since = period["since"] or "the first record"
+    add(f"CDS service report: {since} to {period['until']} (UTC)")
+    add("=" * len(lines[0]))
+    add("")
+    rate = "n/a" if fb["overrideRate"] is None else f"{100 * fb['overrideRate']:.1f}%"
+    add("Summary")
+    add(f"  Calls                 {calls['total']:>8}   ({calls['errors']} errors)")
+    add(f"  Orders judged         {orders['judged']:>8}")
+    add(f"  Orders flagged        {orders['flagged']:>8}   ({_pct(orders['flagged'], orders['judged'])} of judged)")
+    add(f"  Cards shown           {cards['shown']:>8}")
+    add(f"  Cards with an outcome {cards['withOutcome']:>8}")
+    add(f"    accepted            {fb['accepted']:>8}")
+    add(f"    overridden          {fb['overridden']:>8}")
+    add(f"  Override rate         {rate:>8}")
+    add(
+        f"  Latency (ms)          p50 {_ms(latency['p50'])}  p95 {_ms(latency['p95'])}  p99 {_ms(latency['p99'])}"
+        f"  max {_ms(latency['max'])}  (n={latency['count']})"
+    )
+    add("")
+    add("Calls by hook")
+    width = max([len(f"{h['hook']} ({h['service']})") for h in calls["byHook"]] + [24])
+    add(f"  {'hook (service)':<{width}} {'calls':>7} {'answered':>9} {'errors':>7}")
+    for h in calls["byHook"]:
+        name = f"{h['hook']} ({h['service']})"
+        add(f"  {name:<{width}} {h['calls']:>7} {h['answered']:>9} {h['errors']:>7}")
+    add("")
+    add("Orders flagged by policy")
+    for p in orders["byPolicy"] or []:
+        add(f"  {p['policy']} {p['version']}: {p['flagged']} flagged of {p['judged']} judged")
+    if not orders["byPolicy"]:
+        add("  (no orders judged)")
+    add("Flagged orders by matched evidence (an order may show several kinds)")
+    for kind, count in orders["flaggedByEvidenceKind"].items():
+        add(f"  {EVIDENCE_KINDS.get(kind, kind):<24} {count:>7}")
+    if not orders["flaggedByEvidenceKind"]:
+        add("  (none)")
+    add("")
+    add("Accepted cards, by suggestion taken")
+    for kind, count in fb["acceptedByKind"].items():
+        add(f"  {kind:<40} {count:>5}")
+        for s in fb["acceptedBySuggestion"]:
+            if s["kind"] == kind:
+                add(f"    {s['label'] or '(no label)':<60} {s['count']:>5}")
+    if not fb["acceptedByKind"]:
+        add("  (none)")
+    add("")
+    add("Overridden cards, by reason")
+    for r in fb["overridesByReason"]:
+        label = f"{r['code'] or '(no reason coded)'}" + (f": {r['display']}" if r["display"] else "")
+        add(f"  {label:<60} {r['count']:>5}")
+        for c in r["comments"]:
+            add(f'      "{" ".join(c["comment"].split())}"  ({c["at"][:10]}, card {c["card"][:8]})')
+    if not fb["overridesByReason"]:
+        add("  (none)")
+    add("")
+    add(
+        f"Feedback items received: {fb['items']} "
+        f"({fb['itemsForUnknownCards']} for cards not in the audit log, stored and left out of the rates)"
+    )
+    add("")
+    add(f"Errors by status ({errors['total']})")
+    for e in errors["byStatus"]:
+        add(f"  {e['status']}: {e['count']}")
+        for r in e["reasons"][:5]:
+            add(f"      {r['count']:>5}  {r['reason'][:100]}")
+        if len(e["reasons"]) > 5:
+            add(f"      ... and {len(e['reasons']) - 5} other reasons")
+    if not errors["byStatus"]:
+        add("  (none)")
+    add("")
+    add("How the numbers are counted")
+    for definition in report["definitions"]:
+        lines += textwrap.wrap(definition, 116, initial_indent="  - ", subsequent_indent="    ")
+    return "\n".join(lines) + "\n"
+
+
+def render_json(report: dict[str, Any]) -> str:
+    return orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n"
+
+
+def render_csv(report: dict[str, Any]) -> str:
+    """One measure per row (section, measure, detail, value): opens in a spreadsheet as it is."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["section", "measure", "detail", "value"])
+    row = writer.writerow
+    row(["period", "since", "", report["period"]["since"] or ""])
+    row(["period", "until", "", report["period"]["until"]])
+    calls = report["calls"]
+    for name in ("total", "answered", "errors"):
+        row(["calls", name, "", calls[name]])
+    for h in calls["byHook"]:
+        row(["calls", "by hook", f"{h['hook']} ({h['service']})", h["calls"]])
+    orders = report["orders"]
+    row(["orders", "judged", "", orders["judged"]])
+    row(["orders", "flagged", "", orders["flagged"]])
+    for p in orders["byPolicy"]:
+        row(["orders", "flagged by policy", f"{p['policy']} {p['version']}", p["flagged"]])
+    for kind, count in orders["flaggedByEvidenceKind"].items():
+        row(["orders", "flagged by evidence kind", kind, count])
+    for name in ("shown", "withOutcome", "shownInPeriodWithOutcome"):
+        row(["cards", name, "", report["cards"][name]])
+    fb = report["feedback"]
+    for name in ("items", "itemsForUnknownCards", "accepted", "overridden"):
+        row(["feedback", name, "", fb[name]])
+    row(["feedback", "overrideRate", "", "" if fb["overrideRate"] is None else fb["overrideRate"]])
+    for s in fb["acceptedBySuggestion"]:
+        row(["feedback", f"accepted: {s['kind']}", s["label"], s["count"]])
+    for r in fb["overridesByReason"]:
+        row(["feedback", "overridden: reason", f"{r['code']} {r['display']}".strip(), r["count"]])
+        for c in r["comments"]:
+            row(["feedback", f"override comment: {r['code']}", c["card"], c["comment"]])
+    for name in ("count", "p50", "p95", "p99", "max"):
+        value = report["latencyMs"][name]
+        row(["latency_ms", name, "", "" if value is None else value])
+    for e in report["errors"]["byStatus"]:
+        row(["errors", "by status", e["status"], e["count"]])
+    return out.getvalue()
