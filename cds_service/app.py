@@ -12,7 +12,9 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 from . import config as config_module
 from .api import bp, discovery_document, json_response
 from .errors import ServiceError, issue_type, operation_outcome
+from .feedback_api import bp as feedback_bp
 from .runtime import build_runtime
+from .store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +30,17 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings["MAX_BODY_BYTES"]
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
-    rt = build_runtime(settings)
+    # The database (audit log, feedback, jti store): nothing connects until first use, in the process using it.
+    store = open_store(settings, app.instance_path)
+    rt = build_runtime(settings, store=store)
     rt.discovery = discovery_document(rt)
     app.extensions["cds"] = rt
+    app.extensions["cds_store"] = store
+    app.extensions["cds_server_hooks"] = store.server_hooks()
+    app.extensions["cds_prepare_serve"] = store.prepare_serve
 
     app.register_blueprint(bp)
+    app.register_blueprint(feedback_bp)
     _install_cors(app, settings["CORS_ORIGINS"])
     _install_errors(app)
     app.after_request(_security_headers)

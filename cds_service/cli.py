@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("dir", nargs="?", help="policy folder (default: the packaged cards/)")
     check.set_defaults(func=cmd_check_policy)
 
+    from .store.commands import register as register_store_commands
+
+    register_store_commands(sub)
     for register in EXTRA_COMMANDS:
         register(sub)
     return parser
