@@ -71,10 +71,11 @@ class Store:
             before, after = self.upgrade()
         except StoreUnavailable as exc:
             raise RuntimeError(f"cannot reach the database {safe_url(self.db.url)}: {exc}") from exc
+        finally:
+            # The master's connections must not be shared with the workers it forks.
+            self.db.dispose()
         if before != after:
             log.info("database %s migrated from %s to %s", safe_url(self.db.url), before or "empty", after)
-        # The master's connections must not be shared with the workers it forks.
-        self.db.dispose()
 
     # -- health --------------------------------------------------------------------------------------------------
     def _check(self) -> str | None:
@@ -151,6 +152,6 @@ def _close_open_stores() -> None:
     # Outside gunicorn (flask run, the test client, scripts) this is what writes the last queued records.
     for store in list(_open_stores):
         try:
-            store.writer.close()
+            store.close()
         except Exception:  # at exit, a failure to close one store must not stop the others
-            log.exception("closing the audit writer failed")
+            log.exception("closing the store failed")

@@ -64,7 +64,9 @@ def save_feedback(
                     "tenant": identity.tenant,
                 }
                 row = {name: clean(value, column_limit(feedback, name)) for name, value in row.items()}
-                added = conn.execute(insert_ignoring_duplicates(feedback, db.backend).values(**row)).rowcount
+                added = conn.execute(
+                    insert_ignoring_duplicates(feedback, db.backend).values(**row).returning(feedback.c.id)
+                ).first()
                 if added:
                     result.stored += 1
                 else:

@@ -41,18 +41,26 @@ class DatabaseJtiStore:
         try:
             self._ensure_schema()
             with self.db.engine.begin() as conn:
-                added = conn.execute(
-                    insert_ignoring_duplicates(jti_seen, self.db.backend).values(
-                        iss=iss, jti=jti, expires_at=expires_at
-                    )
-                ).rowcount
+                # RETURNING says whether the row went in (rowcount is not reliable for ON CONFLICT on every driver).
+                added = (
+                    conn.execute(
+                        insert_ignoring_duplicates(jti_seen, self.db.backend)
+                        .values(iss=iss, jti=jti, expires_at=expires_at)
+                        .returning(jti_seen.c.jti)
+                    ).first()
+                    is not None
+                )
                 if not added:
                     # Already there: a replay, unless the earlier token has expired (its row not yet cleaned up).
-                    added = conn.execute(
-                        update(jti_seen)
-                        .where(jti_seen.c.iss == iss, jti_seen.c.jti == jti, jti_seen.c.expires_at <= now)
-                        .values(expires_at=expires_at)
-                    ).rowcount
+                    added = (
+                        conn.execute(
+                            update(jti_seen)
+                            .where(jti_seen.c.iss == iss, jti_seen.c.jti == jti, jti_seen.c.expires_at <= now)
+                            .values(expires_at=expires_at)
+                            .returning(jti_seen.c.jti)
+                        ).first()
+                        is not None
+                    )
             self._maybe_clean_up(now)
         except (SQLAlchemyError, StoreUnavailable, SchemaTooNew) as exc:
             with self._lock:
