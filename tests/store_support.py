@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import Table, create_engine, select, text
 from sqlalchemy.engine import make_url
 
 from cds_service.store import Store
@@ -55,6 +55,16 @@ def rows(url: str, sql: str, params: dict[str, Any] | None = None) -> list[Any]:
     try:
         with engine.connect() as conn:
             return list(conn.execute(text(sql), params or {}).all())
+    finally:
+        engine.dispose()
+
+
+def table_rows(url: str, table: Table) -> list[Any]:
+    """Every row of one of the store's tables, read through its model (JSON and timestamps decoded)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(select(table).order_by(*table.primary_key.columns)).all())
     finally:
         engine.dispose()
 

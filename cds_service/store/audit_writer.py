@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import String, Table
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from ..audit import CallRecord
 from .db import Database, SchemaTooNew, StoreUnavailable, short_error
@@ -248,7 +248,12 @@ class AuditWriter:
                     if item is not _STOP and item is not _FLUSH:
                         batch.append(item)
             for start in range(0, len(batch), self.max_batch):
-                self._write_with_retry(state, batch[start : start + self.max_batch])
+                try:
+                    self._write_with_retry(state, batch[start : start + self.max_batch])
+                except Exception:  # never let the writer thread die: later records still need writing
+                    log.exception("audit writer failed on a batch of %d records", len(batch))
+                    with state.done:
+                        state.stats.dropped += len(batch[start : start + self.max_batch])
             with state.done:
                 state.done.notify_all()
 
@@ -272,7 +277,7 @@ class AuditWriter:
                     time.sleep(min(delay, 0.5, max(0.0, state.stop_at - time.monotonic())))
                 delay = min(delay * 2, 5.0)
                 continue
-            except SQLAlchemyError as exc:
+            except Exception as exc:  # a record the database or the JSON encoder refuses: isolate it
                 self._failed(state, exc, len(batch))
                 self._write_one_by_one(state, batch)
                 return

@@ -1,0 +1,264 @@
+"""The audit log: one record per call (failed calls too), never a token, off the hot path, and a database outage
+that leaves hooks answering while /health and /ready say so."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from cds_service import create_app
+from cds_service.audit import CallRecord
+from cds_service.store import Store
+from cds_service.store.models import audit_call
+
+from .conftest import SIGN
+from .store_support import (
+    BACKENDS,
+    down_then_up,
+    flagged_call,
+    rows,
+    store_for,
+    table_rows,
+    temp_database,
+    unreachable_url,
+    wait_for,
+)
+
+SECRET_TOKEN = "fhir-access-token-7c1e-SECRET"
+SECRET_JWT = "eyJhbGciOiJFUzM4NCJ9.eyJpc3MiOiJzZWNyZXQifQ.SECRET-JWT-SIGNATURE"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def db_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    with temp_database(backend, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def app(db_url: str) -> Iterator[Flask]:
+    application = create_app({"AUTH": "off", "DATABASE_URL": db_url})
+    application.config["TESTING"] = True
+    yield application
+    application.extensions["cds_store"].close()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def store_of(app: Flask) -> Store:
+    return app.extensions["cds_store"]
+
+
+def calls(url: str) -> list[Any]:
+    return table_rows(url, audit_call)
+
+
+def test_a_call_is_audited_once_with_what_it_judged_and_returned(app: Flask, client: FlaskClient, db_url: str) -> None:
+    body = flagged_call("lumbar")
+    body["context"]["userId"] = "Practitioner/prac-9"
+    response = client.post(f"/cds-services/{SIGN}", json=body)
+    assert response.status_code == 200
+    assert store_of(app).writer.flush(10)
+    [row] = calls(db_url)
+    assert row.service_id == SIGN and row.hook == "order-sign" and row.hook_instance == body["hookInstance"]
+    assert row.user_id == "Practitioner/prac-9" and row.patient_id == "pat-1"
+    assert row.status == 200 and row.error is None and row.duration_ms > 0
+    [order] = row.orders
+    assert order["order"] == "ServiceRequest/sr1" and order["verdict"] == "flagged"
+    assert {e["kind"] for e in order["evidenceFor"]} >= {"technique", "spine"}
+    [card] = response.get_json()["cards"]
+    assert [c["uuid"] for c in row.cards] == [card["uuid"]]
+    assert [s["uuid"] for s in row.cards[0]["suggestions"]] == [s["uuid"] for s in card["suggestions"]]
+    assert [s["actions"] for s in row.cards[0]["suggestions"]] == [["delete"], ["delete", "create"]]
+    assert isinstance(row.system_actions, list) and isinstance(row.coverage_assertions, list)
+    assert [r.card_uuid for r in rows(db_url, "SELECT card_uuid FROM audit_card")] == [card["uuid"]]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{not json", "not valid JSON"),
+        ({"hook": "order-select", "hookInstance": "00000000-0000-4000-8000-000000000000", "context": {}}, "answers"),
+        ({"hook": "order-sign", "context": {}}, "hookInstance"),
+    ],
+)
+def test_failed_calls_are_audited_with_the_reason(
+    app: Flask, client: FlaskClient, db_url: str, body: Any, reason: str
+) -> None:
+    if isinstance(body, bytes):
+        response = client.post(f"/cds-services/{SIGN}", data=body, content_type="application/json")
+    else:
+        response = client.post(f"/cds-services/{SIGN}", json=body)
+    assert response.status_code == 400
+    assert store_of(app).writer.flush(10)
+    [row] = calls(db_url)
+    assert row.status == 400 and reason in row.error
+    assert row.orders == [] and row.cards == []
+
+
+def test_the_jwt_and_the_fhir_access_token_are_never_stored(
+    app: Flask, client: FlaskClient, db_url: str, backend: str, tmp_path: Path
+) -> None:
+    body = flagged_call("cervical")
+    body["fhirServer"] = "https://ehr.example/fhir"
+    body["fhirAuthorization"] = {
+        "access_token": SECRET_TOKEN,
+        "token_type": "Bearer",
+        "expires_in": 300,
+        "scope": "user/Patient.read",
+        "subject": "cds-service",
+    }
+    body["prefetch"] = {"patient": {"resourceType": "Patient", "id": "pat-1"}, "coverage": None}
+    response = client.post(f"/cds-services/{SIGN}", json=body, headers={"Authorization": f"Bearer {SECRET_JWT}"})
+    assert response.status_code == 200
+    bad = client.post(f"/cds-services/{SIGN}", json={**body, "hook": "x"}, headers={"Authorization": SECRET_JWT})
+    assert bad.status_code == 400
+    card = response.get_json()["cards"][0]
+    feedback = {
+        "feedback": [{"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-11-02T10:00:00Z"}]
+    }
+    assert (
+        client.post(
+            f"/cds-services/{SIGN}/feedback", json=feedback, headers={"Authorization": f"Bearer {SECRET_JWT}"}
+        ).status_code
+        == 200
+    )
+    store_of(app).close()
+    dump = repr([rows(db_url, f"SELECT * FROM {table}") for table in ("audit_call", "audit_card", "feedback")])  # noqa: S608
+    assert "ServiceRequest/sr1" in dump  # the dump is real
+    for secret in (SECRET_TOKEN, SECRET_JWT, "SECRET"):
+        assert secret not in dump
+    if backend == "sqlite":  # every byte on disk, free pages and the write-ahead log included
+        for path in tmp_path.glob("cds.sqlite3*"):
+            assert b"SECRET" not in path.read_bytes()
+
+
+def test_record_only_queues_and_close_writes_everything(db_url: str) -> None:
+    # A long batch window keeps records in the queue: close() (what gunicorn's worker_exit calls) must write them.
+    store = store_for(db_url)
+    store.writer.batch_window = 30.0
+    for i in range(50):
+        store.writer.record(CallRecord(service_id=SIGN, hook_instance=f"call-{i}"))
+    assert store.writer.stats()["pending"] == 50
+    store.writer.close(timeout=20)
+    assert sorted(r.hook_instance for r in calls(db_url)) == sorted(f"call-{i}" for i in range(50))
+    store.close()
+
+
+def test_retried_batches_are_not_duplicated(db_url: str) -> None:
+    store = store_for(db_url)
+    record = CallRecord(service_id=SIGN, hook_instance="once", cards=[{"uuid": "card-1"}])
+    store.writer._write([("same-call-id", record)])
+    store.writer._write([("same-call-id", record)])  # a batch whose commit was lost and is sent again
+    assert len(calls(db_url)) == 1
+    store.close()
+
+
+def test_a_record_the_database_refuses_does_not_block_the_others(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    store = store_for(db_url)
+    store.upgrade()
+    good = CallRecord(service_id=SIGN, hook_instance="good\x00with-nul", user_id="u" * 5000)
+    poison = CallRecord(service_id=SIGN, hook_instance="poison", orders=[{"not json": {1, 2}}])  # type: ignore[dict-item]
+    store.writer.record(poison)
+    store.writer.record(good)
+    assert store.writer.flush(10)
+    [row] = calls(db_url)
+    assert row.hook_instance == "goodwith-nul" and len(row.user_id) == 500
+    assert store.writer.stats()["dropped"] == 1
+    assert "refused" in caplog.text
+    store.close()
+
+
+def test_audit_off_stores_no_calls_but_keeps_feedback(db_url: str) -> None:
+    app = create_app({"AUTH": "off", "DATABASE_URL": db_url, "AUDIT": "false"})
+    client = app.test_client()
+    assert client.post(f"/cds-services/{SIGN}", json=flagged_call()).status_code == 200
+    feedback = {"feedback": [{"card": "c", "outcome": "overridden", "outcomeTimestamp": "2026-11-02T10:00:00Z"}]}
+    assert client.post(f"/cds-services/{SIGN}/feedback", json=feedback).status_code == 200
+    assert client.get("/health").get_json()["store"]["audit"] == "off"
+    app.extensions["cds_store"].close()
+    assert calls(db_url) == []
+    assert len(rows(db_url, "SELECT * FROM feedback")) == 1
+
+
+def test_database_down_hooks_answer_health_degraded_ready_503(
+    backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    app = create_app({"AUTH": "off", "DATABASE_URL": unreachable_url(backend, tmp_path)})
+    client = app.test_client()
+    store = store_of(app)
+    for _ in range(3):
+        response = client.post(f"/cds-services/{SIGN}", json=flagged_call())
+        assert response.status_code == 200 and len(response.get_json()["cards"]) == 1
+    wait_for(lambda: store.writer.stats()["failedWrites"] >= 1, what="a failed audit write")
+    assert "audit write failed (3 records waiting" in caplog.text
+    health = client.get("/health")
+    assert health.status_code == 200
+    body = health.get_json()
+    assert body["status"] == "degraded"
+    assert body["store"]["status"] == "unreachable" and body["store"]["audit"]["pending"] == 3
+    assert body["store"]["audit"]["failedWrites"] >= 1 and body["store"]["error"]
+    ready = client.get("/ready")
+    assert ready.status_code == 503
+    outcome = ready.get_json()
+    assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["code"] == "transient"
+    feedback = {"feedback": [{"card": "c", "outcome": "overridden", "outcomeTimestamp": "2026-11-02T10:00:00Z"}]}
+    stored = client.post(f"/cds-services/{SIGN}/feedback", json=feedback)
+    assert stored.status_code == 503 and stored.get_json()["resourceType"] == "OperationOutcome"
+    store.writer.close(timeout=0.5)
+    assert "3 answered calls could not be written" in caplog.text
+
+
+def test_records_queued_during_an_outage_are_written_once_it_ends(backend: str, tmp_path: Path) -> None:
+    with temp_database(backend, tmp_path) as real_url, down_then_up(backend, tmp_path, real_url) as (url, bring_up):
+        app = create_app({"AUTH": "off", "DATABASE_URL": url})
+        client = app.test_client()
+        store = store_of(app)
+        sent = []
+        for _ in range(5):
+            body = flagged_call()
+            sent.append(body["hookInstance"])
+            assert client.post(f"/cds-services/{SIGN}", json=body).status_code == 200
+        wait_for(lambda: store.writer.stats()["failedWrites"] >= 1, what="a failed audit write")
+        assert client.get("/ready").status_code == 503
+        bring_up()
+        assert store.writer.flush(30)
+        assert client.get("/ready").status_code == 200
+        health = client.get("/health").get_json()
+        assert "status" not in health or health["status"] == "ok"
+        assert health["store"]["status"] == "ok"
+        assert sorted(r.hook_instance for r in calls(url)) == sorted(sent)
+        store.close()
+
+
+def test_a_full_queue_drops_and_counts(backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = store_for(unreachable_url(backend, tmp_path))
+    store.writer.max_pending = 3
+    for i in range(5):
+        store.writer.record(CallRecord(service_id=SIGN, hook_instance=str(i)))
+    stats = store.writer.stats()
+    assert stats["dropped"] == 2 and stats["pending"] == 3
+    assert "audit queue full" in caplog.text
+    store.writer.close(timeout=0.2)
+
+
+def test_health_and_ready_when_the_store_works(client: FlaskClient) -> None:
+    health = client.get("/health")
+    assert health.status_code == 200
+    assert health.get_json()["status"] == "ok" and health.get_json()["store"]["status"] == "ok"
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.get_json()["status"] == "ready"
