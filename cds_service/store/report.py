@@ -306,22 +306,34 @@ def render_text(report: dict[str, Any]) -> str:
     if not orders["flaggedByEvidenceKind"]:
         add("  (none)")
     add("")
-    add("Accepted cards, by suggestion taken")
+    accepted_rows: list[tuple[str, int, str]] = []
     for kind, count in fb["acceptedByKind"].items():
-        add(f"  {kind:<40} {count:>5}")
-        for s in fb["acceptedBySuggestion"]:
-            if s["kind"] == kind:
-                add(f"    {s['label'] or '(no label)':<60} {s['count']:>5}")
-    if not fb["acceptedByKind"]:
-        add("  (none)")
-    add("")
-    add("Overridden cards, by reason")
+        accepted_rows.append((f"  {kind}", count, _pct(count, fb["accepted"])))
+        accepted_rows += [
+            (f"    {s['label'] or '(no label)'}", s["count"], "")
+            for s in fb["acceptedBySuggestion"]
+            if s["kind"] == kind
+        ]
+    reason_rows: list[tuple[str, int, str]] = []
+    comments: dict[int, list[str]] = {}
     for r in fb["overridesByReason"]:
         label = f"{r['code'] or '(no reason coded)'}" + (f": {r['display']}" if r["display"] else "")
-        add(f"  {label:<60} {r['count']:>5}")
-        for c in r["comments"]:
-            add(f'      "{" ".join(c["comment"].split())}"  ({c["at"][:10]}, card {c["card"][:8]})')
-    if not fb["overridesByReason"]:
+        comments[len(reason_rows)] = [
+            f'      "{" ".join(c["comment"].split())}"  ({c["at"][:10]}, card {c["card"][:8]})' for c in r["comments"]
+        ]
+        reason_rows.append((f"  {label}", r["count"], _pct(r["count"], fb["overridden"])))
+    width = max([len(label) for label, _, _ in accepted_rows + reason_rows] + [44])
+    add(f"{'Accepted cards, by suggestion taken':<{width}} {'cards':>6} {'share':>7}")
+    for label, count, share in accepted_rows:
+        add(f"{label:<{width}} {count:>6} {share:>7}".rstrip())
+    if not accepted_rows:
+        add("  (none)")
+    add("")
+    add(f"{'Overridden cards, by reason (with comments)':<{width}} {'cards':>6} {'share':>7}")
+    for index, (label, count, share) in enumerate(reason_rows):
+        add(f"{label:<{width}} {count:>6} {share:>7}")
+        lines += comments[index]
+    if not reason_rows:
         add("  (none)")
     add("")
     add(
