@@ -28,16 +28,38 @@ def json_response(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status=status, mimetype="application/json")
 
 
+# JSON nesting limit: what orjson can encode again (254 levels; its decoder allows 1024). Every accepted body can
+# then be re-serialised whole (CRD echoes, audit, feedback storage) and walked by recursive Python code (254 levels
+# stay far below the interpreter's recursion limit of 1000). Real CDS Hooks requests nest fewer than 20 levels.
+MAX_JSON_DEPTH = 254
+_BOM = b"\xef\xbb\xbf"
+
+
 def read_json() -> Any:
-    """The request body as JSON: 413 over the size limit (before parsing), 400 when it is not JSON."""
+    """The request body as JSON: 413 over the size limit (before parsing), 400 when it is not JSON or too deep.
+
+    orjson rejects invalid UTF-8, lone surrogates, NaN/Infinity and numbers that overflow a double; duplicate keys
+    keep the last value, as JavaScript's JSON.parse does (RFC 8259 leaves it to the parser).
+    """
     data = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH, chunked bodies included
-    if not data:
+    if data.startswith(_BOM):
+        data = data[len(_BOM) :]  # RFC 8259 section 8.1: a parser may ignore a byte order mark; some clients send one
+    if not data.strip():
         raise BadRequest("The request body is empty; send a CDS Hooks request as JSON.")
     try:
-        # orjson rejects invalid UTF-8 and nesting deeper than 1024; duplicate keys keep the last value.
-        return orjson.loads(data)
+        body = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"The request body is not valid JSON: {str(exc).split(':')[0]}.") from None
+        reason = str(exc).split(":")[0]
+        if reason.startswith("depth limit"):
+            raise BadRequest(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.") from None
+        raise BadRequest(f"The request body is not valid JSON: {reason}.") from None
+    try:
+        # The depth check: re-encoding runs in C and fails past MAX_JSON_DEPTH. Measured: under 1 us for a typical
+        # request, about a tenth of the parse time for 5 MB; a Python walk of the parsed body costs 2-3x the parse.
+        orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        raise BadRequest(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.") from None
+    return body
 
 
 def authenticate(rt: Runtime, path: str, record: CallRecord | None = None) -> Identity:
@@ -48,7 +70,10 @@ def authenticate(rt: Runtime, path: str, record: CallRecord | None = None) -> Id
         identity = rt.authenticator.verify(request.headers.get("Authorization"), rt.public_url + path)
     except AuthError as exc:
         who = exc.identity
-        log.warning("401 for %s: %s (iss=%s kid=%s jti=%s)", path, exc.reason, who.iss, who.kid, who.jti)
+        # The reason and the token's (sanitised) iss, kid, jti and tenant; never the token itself.
+        log.warning(
+            "401 for %s: %s (iss=%s kid=%s jti=%s tenant=%s)", path, exc.reason, who.iss, who.kid, who.jti, who.tenant
+        )
         if record is not None:
             record.iss, record.jti, record.tenant = who.iss, who.jti, who.tenant
             record.error = f"authentication failed: {exc.reason}"

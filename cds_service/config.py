@@ -67,11 +67,27 @@ def normalise(settings: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("CDS_FHIR_TIMEOUT: expected seconds between 0 and 30")
     out["ALLOW_HTTP_FHIR"] = as_bool("ALLOW_HTTP_FHIR", out["ALLOW_HTTP_FHIR"])
     out["AUDIT"] = as_bool("AUDIT", out["AUDIT"])
-    origins = out["CORS_ORIGINS"]
-    if isinstance(origins, str):
-        origins = [o.strip().rstrip("/") for o in origins.split(",")]
-    out["CORS_ORIGINS"] = [o for o in origins if o]
+    out["CORS_ORIGINS"] = _cors_origins(out["CORS_ORIGINS"])
+    issuers = out["TRUSTED_ISSUERS"]
+    # A path to the issuers JSON file (read by auth.build_authenticator); empty means none.
+    out["TRUSTED_ISSUERS"] = (str(issuers).strip() or None) if issuers is not None else None
     return out
+
+
+def _cors_origins(value: Any) -> list[str]:
+    """CDS_CORS_ORIGINS: a comma list of origins (scheme://host[:port], as browsers send them) or "*"."""
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    origins: list[str] = []
+    for item in items:
+        origin = str(item).strip().rstrip("/").lower()  # browsers serialise scheme and host in lower case
+        if not origin:
+            continue
+        if origin != "*":
+            scheme, sep, rest = origin.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest or any(c in rest for c in "/?#@ "):
+                raise ConfigError(f"CDS_CORS_ORIGINS: expected origins like https://ehr.example.org, got {item!r}")
+        origins.append(origin)
+    return origins
 
 
 def load(config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
