@@ -48,7 +48,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def _security_headers(response: Response) -> Response:
+    """Headers a security review expects on a JSON API: no sniffing, no framing, no caching of patient guidance."""
     response.headers["X-Content-Type-Options"] = "nosniff"
+    # JSON is never a document to render: nothing may load from it or frame it if a browser opens it anyway.
+    response.headers["Content-Security-Policy"] = "default-src 'none'; frame-ancestors 'none'"
+    response.headers["Referrer-Policy"] = "no-referrer"
     if request.path.startswith(_NO_STORE_PREFIX) or response.status_code >= 400:
         response.headers["Cache-Control"] = "no-store"
     return response
@@ -58,9 +62,9 @@ def _install_cors(app: Flask, origins: list[str]) -> None:
     """CORS for browser clients (the CDS Hooks sandbox): listed origins only, errors included, no credentials.
 
     CDS Hooks authenticates with a bearer JWT, not cookies, so Allow-Credentials is never sent; that is what makes
-    a configured "*" safe.
+    a configured "*" safe. Preflights are answered before authentication: browsers send them without the JWT.
     """
-    allowed = set(origins)
+    allowed = {o.lower() for o in origins}
     any_origin = "*" in allowed
 
     def allowed_origin() -> str | None:
@@ -69,13 +73,15 @@ def _install_cors(app: Flask, origins: list[str]) -> None:
             return None
         if any_origin:
             return "*"
-        return origin if origin.rstrip("/") in allowed else None
+        # Echo the origin exactly as the browser sent it; compare as browsers serialise it (lower case).
+        return origin if origin.lower() in allowed else None
 
     @app.before_request
     def preflight() -> Response | None:
         if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
             return None
         response = Response(status=204)
+        response.headers.pop("Content-Type", None)
         origin = allowed_origin()
         if origin:
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
@@ -85,11 +91,12 @@ def _install_cors(app: Flask, origins: list[str]) -> None:
 
     @app.after_request
     def cors_headers(response: Response) -> Response:
+        if allowed and not any_origin:
+            # The answer differs by Origin: a shared cache must not hand one origin's answer to another.
+            response.vary.add("Origin")
         origin = allowed_origin()
         if origin:
             response.headers["Access-Control-Allow-Origin"] = origin
-            if origin != "*":
-                response.headers.add("Vary", "Origin")
         return response
 
 
