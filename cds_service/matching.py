@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .orders import OrderView, Place
-from .policy import Coding, Policy, Ref, _norm_code
+from .policy import Coding, Policy, Recognition, Ref, _norm_code
 
 # Where a place's words speak about the study itself rather than the patient.
 _PROCEDURE_PLACES: frozenset[Place] = frozenset({"code", "detail", "body_site"})
@@ -20,7 +20,7 @@ _PLACE_WORDS: dict[str, str] = {
     "note": "order note",
     "instruction": "patient instructions",
 }
-_SYSTEM_NAMES = {"cpt": "CPT", "snomed": "SNOMED", "icd10cm": "ICD-10-CM", "loinc": "LOINC"}
+_SYSTEM_NAMES = {"cpt": "CPT", "snomed": "SNOMED", "icd10cm": "ICD-10-CM", "icd10": "ICD-10", "loinc": "LOINC"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Evidence:
     needs_spine: bool = False
     effect: str = ""
     coded: bool = False
+    combo: bool = False  # a technique found as a combination of words rather than by its name
 
     def to_dict(self) -> dict[str, str]:
         out = {"kind": self.kind, "label": self.label, "place": self.place}
@@ -88,10 +89,40 @@ class _Found:
     look_alikes: list[Evidence] = field(default_factory=list)
 
 
+def _system_key(system: str) -> str:
+    """A code system URI as clients vary it: case, http/https, "www.", a trailing slash, "urn:oid:" or not."""
+    key = system.strip().lower().rstrip("/")
+    for prefix in ("https://", "http://", "urn:oid:"):
+        key = key.removeprefix(prefix)
+    return key.removeprefix("www.")
+
+
+def _knows(rec: Recognition, alias: str, code: str) -> bool:
+    """Whether the policy lists this code under this code system anywhere (billing, site, diagnosis, look-alike)."""
+    if (alias, code) in rec.billing_codes or (alias, code) in rec.body_sites:
+        return True
+    if any(d.alias == alias and code in d.codes for d in rec.diagnoses):
+        return True
+    return any(alias in look.codes and code in look.codes[alias] for look in rec.look_alikes.values())
+
+
+def _alias(rec: Recognition, system: str, code: str) -> str | None:
+    """The policy's name for a coding's system. Without a system, the code decides when exactly one system of the
+    policy lists it (a half-filled order's bare "76496" is the CPT code, not a guess)."""
+    alias = rec.system_alias.get(system)
+    if alias is not None:
+        return alias
+    if system:
+        key = _system_key(system)
+        return next((a for uri, a in rec.system_alias.items() if _system_key(uri) == key), None)
+    candidates = [a for a in rec.canonical_system if _knows(rec, a, code)]
+    return candidates[0] if len(candidates) == 1 else None
+
+
 def _read_codings(order: OrderView, policy: Policy, found: _Found) -> None:
     rec = policy.recognition
     for coding in order.codings:
-        alias = rec.system_alias.get(coding.system)
+        alias = _alias(rec, coding.system, _norm_code(coding.code))
         if alias is None:
             continue
         code = _norm_code(coding.code)
@@ -133,14 +164,27 @@ def _read_codings(order: OrderView, policy: Policy, found: _Found) -> None:
                 found.spine.append(Evidence("spine", f"reason {display} ({name} {coding.code})", "reason", coded=True))
 
 
+def _is_combo_part(ref: object) -> bool:
+    return isinstance(ref, Ref) and ref.kind == "combo"
+
+
+def _where(places: list[Place]) -> str:
+    names = [_PLACE_WORDS[p] for p in dict.fromkeys(places)]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def _read_texts(order: OrderView, policy: Policy, found: _Found) -> None:
     rec = policy.recognition
     places = rec.places
-    for place, text in order.texts:
+    # A combination's words may be split over the order's own fields ("MRI C-spine" in the name, "kinematic
+    # sequences in flexion/extension" in the detail): together they name the one procedure ordered. In a note or an
+    # instruction each text stands alone.
+    scopes: dict[tuple[Place, int] | str, dict[str, dict[int, tuple[str, Place]]]] = {}
+    combo_refs: dict[str, Ref] = {}
+    for number, (place, text) in enumerate(order.texts):
         where = _PLACE_WORDS[place]
-        combos: dict[str, dict[int, str]] = {}
-        combo_refs: dict[str, Ref] = {}
-        for hit in rec.index.find(text):
+        combos = scopes.setdefault("order" if place in _PROCEDURE_PLACES else (place, number), {})
+        for hit in rec.index.find(text, nested=_is_combo_part):
             for ref in hit.refs:
                 if not isinstance(ref, Ref):
                     continue
@@ -155,7 +199,7 @@ def _read_texts(order: OrderView, policy: Policy, found: _Found) -> None:
                         )
                     )
                 elif ref.kind == "combo" and place in places["techniques"]:
-                    combos.setdefault(ref.name, {}).setdefault(ref.group, hit.text)
+                    combos.setdefault(ref.name, {}).setdefault(ref.group, (hit.text, place))
                     combo_refs[ref.name] = ref
                 elif ref.kind == "spine" and place in places["spine"]:
                     found.spine.append(
@@ -165,7 +209,7 @@ def _read_texts(order: OrderView, policy: Policy, found: _Found) -> None:
                     found.spine.append(Evidence("spine", f"body site {_quote(hit.text)}", place, region=ref.region))
                 elif ref.kind == "other" and place in places["other_regions"]:
                     found.other.append(Evidence("other_region", f"{_quote(hit.text)} in the {where}", place))
-                elif ref.kind == "look_alike" and place in places["look_alikes"]:
+                elif ref.kind == "look_alike" and place in (rec.look_alikes[ref.name].places or places["look_alikes"]):
                     look = rec.look_alikes[ref.name]
                     found.look_alikes.append(
                         Evidence(
@@ -176,17 +220,20 @@ def _read_texts(order: OrderView, policy: Policy, found: _Found) -> None:
                             effect=look.effect,
                         )
                     )
+    for combos in scopes.values():
         for combo_name, groups in combos.items():
             technique_name, _, index = combo_name.rpartition("#")
             if len(groups) == rec.techniques[technique_name].combos[int(index)]:
-                words = " with ".join(_quote(groups[g]) for g in sorted(groups))
+                words = " with ".join(_quote(groups[g][0]) for g in sorted(groups))
+                where_found = [groups[g][1] for g in sorted(groups)]
                 found.techniques.append(
                     Evidence(
                         "technique",
-                        f"the order text names {words} (in the {where})",
-                        place,
+                        f"the order text names {words} (in the {_where(where_found)})",
+                        where_found[0],
                         name=technique_name,
                         needs_spine=combo_refs[combo_name].needs_spine,
+                        combo=True,
                     )
                 )
 
@@ -198,11 +245,13 @@ def _region(spine: list[Evidence]) -> str | None:
 
 
 def _dedupe(items: list[Evidence]) -> list[Evidence]:
+    """One line per fact: "SPINE" in a coding display and "spine" in code.text are the same words."""
     seen: set[str] = set()
     out = []
     for item in items:
-        if item.label not in seen:
-            seen.add(item.label)
+        key = item.label.casefold()
+        if key not in seen:
+            seen.add(key)
             out.append(item)
     return out
 
@@ -223,7 +272,9 @@ def judge(order: OrderView, policy: Policy) -> Verdict:
     spine = _dedupe([e for e in found.spine if e.coded or e.place not in coded_places])
     other = _dedupe(found.other)
     look_alikes = _dedupe(found.look_alikes)
-    techniques = _dedupe(found.techniques)
+    # "dynamic fluoroscopy" is named once, not again as "fluoroscopy" with "dynamic".
+    by_name = {e.name for e in found.techniques if not e.combo}
+    techniques = _dedupe([e for e in found.techniques if not e.combo or e.name not in by_name])
     billing = _dedupe(found.billing)
 
     procedure_spine = [e for e in spine if e.place in _PROCEDURE_PLACES]
@@ -231,9 +282,13 @@ def judge(order: OrderView, policy: Policy) -> Verdict:
     # into a spine study.
     other_region_only = bool(other) and not procedure_spine
     has_spine = bool(procedure_spine) or (bool(spine) and not other)
-    excludes = [e for e in look_alikes if e.effect == "excludes"]
-    explains = [e for e in look_alikes if e.effect == "explains_code"]
     named = [e for e in techniques if not e.needs_spine]
+    # The order's name decides what it is. A look-alike there excludes; one found only in the detail, body site or
+    # reasons does not outweigh a spine-only technique (DMX, VMA) named in the order's name ("failed epidural
+    # injections" in a DMX order's detail is history, not the procedure).
+    named_in_code = any(e.place == "code" for e in named)
+    excludes = [e for e in look_alikes if e.effect == "excludes" and (e.place == "code" or not named_in_code)]
+    explains = [e for e in look_alikes if e.effect == "explains_code"]
     contextual = [e for e in techniques if e.needs_spine]
     billing_code = (found.billing_codings or found.cpt_codings or [None])[0]
 
@@ -292,3 +347,19 @@ def explain_lines(verdict: Verdict) -> list[str]:
     if spine and not billing:
         lines.append(f"spine evidence: {spine}")
     return lines
+
+
+def describe(verdict: Verdict) -> str:
+    """The verdict, its reason and every piece of evidence for and against, one per line (for analysts)."""
+    ref = verdict.order.reference or "ServiceRequest (no id)"
+    label = " ".join(verdict.order.label().split())
+    lines = [
+        f"{ref}: {'FLAGGED' if verdict.flagged else 'not flagged'} by {verdict.policy.id} {verdict.policy.version}",
+        f"  order:   {label}",
+        f"  reason:  {verdict.reason}",
+    ]
+    lines += [f"  for:     {e.label}" for e in verdict.evidence_for]
+    lines += [f"  against: {e.label}" for e in verdict.evidence_against]
+    if verdict.flagged:
+        lines.append(f"  region:  {verdict.region or 'not named (no replacement offered)'}")
+    return "\n".join(lines)

@@ -128,8 +128,9 @@ class _Reader:
             self.text(place, reference.get("display"))
 
     def codeable_reference(self, place: Place, value: Any) -> None:
-        """R5 CodeableReference, or an R4 CodeableConcept sent where R5 expects one."""
+        """R5 CodeableReference, or an R4 CodeableConcept sent where R5 expects one (or bare text, sloppily)."""
         if not isinstance(value, dict):
+            self.text(place, value)  # a plain string where a concept belongs still says what was ordered
             return
         if "concept" in value or "reference" in value:
             self.concept(place, value.get("concept"))

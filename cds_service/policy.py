@@ -106,6 +106,8 @@ class LookAlike:
     name: str
     effect: LookAlikeEffect
     codes: dict[str, CodeSet]
+    # Where this look-alike's words are read; None means recognition.places.look_alikes.
+    places: frozenset[Place] | None = None
 
 
 @dataclass
@@ -416,7 +418,14 @@ def _load_recognition(doc: _Doc) -> Recognition:
             _add_terms(index, ldoc.child("terms"), Ref("look_alike", name))
         if not code_sets and ldoc.child("terms").data is None:
             raise ldoc.fail("a look-alike needs codes or terms")
-        look_alikes[name] = LookAlike(name, effect, code_sets)  # type: ignore[arg-type]
+        look_places: frozenset[Place] | None = None
+        if ldoc.child("places").data is not None:
+            chosen = ldoc.seq("places")
+            for item in chosen:
+                if item.data not in PLACES:
+                    raise item.fail(f"unknown place {item.data!r}; places are {list(PLACES)}")
+            look_places = frozenset(item.data for item in chosen)
+        look_alikes[name] = LookAlike(name, effect, code_sets, look_places)  # type: ignore[arg-type]
 
     statuses = doc.seq("skip_statuses", required=False)
     index.compile()

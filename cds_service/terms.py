@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 # Characters that separate words inside a phrase. "x-ray", "x ray", "x/ray" and "xray" are the same phrase.
@@ -126,8 +126,22 @@ class TermIndex:
         out = [ref for table in (self._plain, self._exact) for refs in table.values() for ref in refs]
         return out + [ref for _, ref in self._patterns]
 
-    def find(self, text: str) -> list[TermHit]:
-        """All phrases in `text`, longest first where they overlap; a phrase inside a longer one is dropped."""
+    @staticmethod
+    def _prefixes(start: int, written: str, table: dict[str, list[Hashable]], case: bool) -> list[TermHit]:
+        out = []
+        for sep in _SPLIT.finditer(written):
+            head = written[: sep.start()]
+            refs = table.get(term_key(head, case=case))
+            if head and refs:
+                out.append(TermHit(start, start + len(head), head, tuple(refs)))
+        return out
+
+    def find(self, text: str, *, nested: Callable[[Hashable], bool] | None = None) -> list[TermHit]:
+        """All phrases in `text`, longest first where they overlap; a phrase inside a longer one is dropped.
+
+        `nested` names the meanings that survive inside a longer phrase: the parts of a combination ("MRI" inside
+        "upright MRI", "motion" inside "motion study") are still there when a longer phrase means something else.
+        """
         hits: list[TermHit] = []
         for regex, case in self._regexes:
             table = self._exact if case else self._plain
@@ -136,18 +150,25 @@ class TermIndex:
                 refs = table.get(term_key(written, case=case))
                 if refs:
                     hits.append(TermHit(match.start(1), match.end(1), written, tuple(refs)))
+                if nested is not None:
+                    # The regex reads the longest phrase at a position; shorter ones starting there ("motion" in
+                    # "motion study") are only wanted for their nested meanings.
+                    hits.extend(self._prefixes(match.start(1), written, table, case))
         for pattern, ref in self._patterns:
             for match in pattern.finditer(text):
                 hits.append(TermHit(match.start(), match.end(), match.group(0), (ref,)))
         if len(hits) < 2:
             return hits
-        # Keep the longest reading: "soft tissue neck" is not the spine word "neck", "MRI in flexion and extension"
-        # is not the radiograph words "flexion and extension".
+        # Keep the longest reading: "soft tissue neck" is not the spine word "neck", "cine phase contrast" is not
+        # the technique word "cine".
         hits.sort(key=lambda h: (h.start, -(h.end - h.start)))
         kept: list[TermHit] = []
         for hit in hits:
             size = hit.end - hit.start
             if any(k.start <= hit.start and hit.end <= k.end and k.end - k.start > size for k in kept):
-                continue
+                survivors = tuple(ref for ref in hit.refs if nested is not None and nested(ref))
+                if not survivors:
+                    continue
+                hit = TermHit(hit.start, hit.end, hit.text, survivors)
             kept.append(hit)
         return kept
