@@ -17,7 +17,7 @@ from .audit_writer import AuditWriter
 from .db import Database, SchemaTooNew, StoreUnavailable, database_url, safe_url
 from .feedback_store import SaveResult, save_feedback
 from .jti import DatabaseJtiStore
-from .schema import check_not_newer, current_revision, head_revision, upgrade
+from .schema import check_not_newer, current_revision, head_revision, known_revisions, upgrade
 
 __all__ = ["SchemaTooNew", "Store", "StoreUnavailable", "open_store"]
 
@@ -144,6 +144,7 @@ class Store:
 
 def open_store(settings: dict[str, Any], instance_path: str | os.PathLike[str]) -> Store:
     """The Store for the settings (CDS_DATABASE_URL, CDS_AUDIT); connects lazily."""
+    known_revisions()  # read the migration scripts now, once, rather than on a hook's first audit write
     return Store(Database(database_url(settings.get("DATABASE_URL"), instance_path)), audit=settings["AUDIT"])
 
 

@@ -38,6 +38,12 @@ def column_limit(table: Table, name: str) -> int | None:
     return column_type.length if isinstance(column_type, String) else None
 
 
+_CALL_LIMITS = {column.name: column_limit(audit_call, column.name) for column in audit_call.c}
+_CARD_UUID_LIMIT = column_limit(audit_card, "card_uuid")
+# Rows per INSERT: between two of them the writer lets go of the GIL, so a hook thread never waits long for it.
+_CHUNK = 25
+
+
 def insert_ignoring_duplicates(table: Table, backend: str) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING: a row written twice (a retried batch, a resent item) is kept once."""
     dialect = postgresql if backend == "postgresql" else sqlite
@@ -67,10 +73,11 @@ def call_rows(call_id: str, call: CallRecord) -> tuple[dict[str, Any], list[dict
         "notes": call.notes,
     }
     for name, value in row.items():
-        row[name] = clean(value, column_limit(audit_call, name))
+        if isinstance(value, str):
+            row[name] = clean(value, _CALL_LIMITS[name])
     cards = [
         {
-            "card_uuid": clean(card["uuid"], column_limit(audit_card, "card_uuid")),
+            "card_uuid": clean(card["uuid"], _CARD_UUID_LIMIT),
             "call_id": call_id,
             "service_id": row["service_id"],
             "started_at": call.started_at,
@@ -297,17 +304,23 @@ class AuditWriter:
                 self._written(state, 1)
 
     def _write(self, batch: list[tuple[str, CallRecord]]) -> None:
+        """One transaction for the batch, sent in small INSERTs with a GIL release between them: converting rows is
+        Python work, and a hook thread waiting for the GIL would otherwise wait up to the 5 ms switch interval."""
         self._ensure_schema()
-        calls: list[dict[str, Any]] = []
-        cards: list[dict[str, Any]] = []
-        for call_id, call in batch:
-            row, card_rows = call_rows(call_id, call)
-            calls.append(row)
-            cards.extend(card_rows)
+        insert_calls = insert_ignoring_duplicates(audit_call, self.db.backend)
+        insert_cards = insert_ignoring_duplicates(audit_card, self.db.backend)
         with self.db.engine.begin() as conn:
-            conn.execute(insert_ignoring_duplicates(audit_call, self.db.backend), calls)
-            if cards:
-                conn.execute(insert_ignoring_duplicates(audit_card, self.db.backend), cards)
+            for start in range(0, len(batch), _CHUNK):
+                calls: list[dict[str, Any]] = []
+                cards: list[dict[str, Any]] = []
+                for call_id, call in batch[start : start + _CHUNK]:
+                    row, card_rows = call_rows(call_id, call)
+                    calls.append(row)
+                    cards.extend(card_rows)
+                conn.execute(insert_calls, calls)
+                if cards:
+                    conn.execute(insert_cards, cards)
+                time.sleep(0)
 
     def _written(self, state: _ProcessState, count: int) -> None:
         with state.done:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -74,10 +75,15 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _json(value: Any) -> str:
+    # orjson: a fraction of the json module's time, and the writer thread shares the GIL with the hooks.
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 def make_engine(url: URL) -> Engine:
     """An engine for this process. hide_parameters: errors never echo audit data into logs."""
     if url.get_backend_name() == "sqlite":
-        engine = create_engine(url, hide_parameters=True, connect_args={"timeout": 15})
+        engine = create_engine(url, hide_parameters=True, json_serializer=_json, connect_args={"timeout": 15})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     connect_args: dict[str, Any] = {}
@@ -86,6 +92,7 @@ def make_engine(url: URL) -> Engine:
     return create_engine(
         url,
         hide_parameters=True,
+        json_serializer=_json,
         pool_pre_ping=True,
         pool_size=5,
         max_overflow=5,
