@@ -239,9 +239,13 @@ def _read_texts(order: OrderView, policy: Policy, found: _Found) -> None:
 
 
 def _region(spine: list[Evidence]) -> str | None:
-    """The one spinal region the order names, or None when it names none or several."""
-    regions = {e.region for e in spine if e.place in _REGION_PLACES and e.region and e.region != "spine"}
-    return regions.pop() if len(regions) == 1 else None
+    """The one spinal region the order names (None when it names several); when its own fields name none, the one
+    region its reasons name ("DMX" for cervicalgia: the cervical alternative)."""
+    for places in (_REGION_PLACES, frozenset({"reason"})):
+        regions = {e.region for e in spine if e.place in places and e.region and e.region != "spine"}
+        if regions:
+            return regions.pop() if len(regions) == 1 else None
+    return None
 
 
 def _dedupe(items: list[Evidence]) -> list[Evidence]:
@@ -300,7 +304,7 @@ def judge(order: OrderView, policy: Policy) -> Verdict:
             reason,
             evidence_for,
             against,
-            _region(spine) if flagged else None,
+            _region(found.spine) if flagged else None,
             billing_code if flagged else None,
         )
 

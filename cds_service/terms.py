@@ -14,6 +14,7 @@ _TAIL = r"(?:e?s)?(?![A-Za-z0-9])"
 _HEAD = r"(?<![A-Za-z0-9])"
 _SPLIT = re.compile(f"[{_SEPARATOR_CHARS}]+")
 _ALNUM = re.compile(r"[^a-z0-9]+")
+_ALNUM_CASE = re.compile(r"[^A-Za-z0-9]+")
 
 
 class TermError(ValueError):
@@ -23,7 +24,7 @@ class TermError(ValueError):
 def term_key(text: str, *, case: bool) -> str:
     """The lookup key of a phrase: its letters and digits, lower-cased unless the match is case-sensitive."""
     if case:
-        return re.sub(r"[^A-Za-z0-9]+", "", text)
+        return _ALNUM_CASE.sub("", text)
     return _ALNUM.sub("", text.lower())
 
 

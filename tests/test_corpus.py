@@ -160,6 +160,38 @@ def test_order_select_judges_only_the_selected_order(client: FlaskClient) -> Non
         assert len(response.get_json()["cards"]) == cards
 
 
+@pytest.mark.parametrize("hook", ["order-select", "order-sign"])
+def test_other_resource_types_are_not_judged(client: FlaskClient, hook: str) -> None:
+    """Only ServiceRequests are orders for imaging: the same words in another resource type raise no card."""
+    words = {"text": "Digital motion x-ray of the cervical spine"}
+    subject = {"reference": "Patient/pat-1"}
+    others = [
+        {"resourceType": "Procedure", "id": "p1", "status": "preparation", "code": words, "subject": subject},
+        {
+            "resourceType": "DeviceRequest",
+            "id": "d1",
+            "status": "draft",
+            "intent": "order",
+            "codeCodeableConcept": words,
+            "subject": subject,
+        },
+        {
+            "resourceType": "MedicationRequest",
+            "id": "m1",
+            "status": "draft",
+            "intent": "order",
+            "medicationCodeableConcept": words,
+            "subject": subject,
+        },
+    ]
+    dsv = next(case["resource"] for _, case in corpus() if case["label"] == "dsv")
+    selections = [f"{r['resourceType']}/{r['id']}" for r in [*others, dsv]]
+    body = hook_request(hook, [*others, dsv], selections=selections if hook == "order-select" else None)
+    response = client.post(f"/cds-services/{SELECT if hook == 'order-select' else SIGN}", json=body)
+    assert response.status_code == 200
+    assert [_associated(card) for card in response.get_json()["cards"]] == [[f"ServiceRequest/{dsv['id']}"]]
+
+
 def corpus_summary(path: Path = CORPUS) -> dict[str, dict[str, int]]:
     """Per group: cases, dsv labels, flagged, and true/false positives and negatives (for reports)."""
     out: dict[str, dict[str, int]] = {}
