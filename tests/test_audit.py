@@ -18,6 +18,7 @@ from cds_service.store import Store
 from cds_service.store.models import audit_call
 
 from .conftest import SIGN
+from .jwt_support import EHR, PUBLIC_URL, SIGN_URL, bearer, claims, ec_key, issuers_file, jwks, token
 from .store_support import (
     BACKENDS,
     down_then_up,
@@ -262,3 +263,22 @@ def test_health_and_ready_when_the_store_works(client: FlaskClient) -> None:
     assert health.get_json()["status"] == "ok" and health.get_json()["store"]["status"] == "ok"
     ready = client.get("/ready")
     assert ready.status_code == 200 and ready.get_json()["status"] == "ready"
+
+
+def test_the_callers_identity_is_audited_never_the_token(db_url: str, tmp_path: Path) -> None:
+    key = ec_key()
+    issuers = issuers_file(tmp_path / "issuers.json", [{"iss": EHR, "jwks": jwks(key)}])
+    app = create_app({"AUTH": "jwt", "TRUSTED_ISSUERS": str(issuers), "PUBLIC_URL": PUBLIC_URL, "DATABASE_URL": db_url})
+    client = app.test_client()
+    payload = claims(SIGN_URL, tenant="clinic-7")
+    signed = token(key, payload)
+    assert client.post(f"/cds-services/{SIGN}", json=flagged_call(), headers=bearer(signed)).status_code == 200
+    expired = token(key, claims(SIGN_URL, now=1_000_000_000))
+    assert client.post(f"/cds-services/{SIGN}", json=flagged_call(), headers=bearer(expired)).status_code == 401
+    app.extensions["cds_store"].close()
+    ok, refused = calls(db_url)
+    assert (ok.iss, ok.tenant, ok.jti, ok.status) == (EHR, "clinic-7", payload["jti"], 200)
+    assert refused.status == 401 and refused.error.startswith("authentication failed") and refused.iss == EHR
+    dump = repr([table_rows(db_url, table) for table in (audit_call,)])
+    for tok in (signed, expired):
+        assert tok not in dump and tok.split(".")[2] not in dump

@@ -18,6 +18,7 @@ from cds_service.feedback import parse_feedback
 from cds_service.store.models import feedback
 
 from .conftest import SELECT, SIGN
+from .jwt_support import EHR, PUBLIC_URL, SIGN_URL, bearer, claims, ec_key, issuers_file, jwks, token
 from .store_support import BACKENDS, flagged_call, table_rows, temp_database
 
 WHEN = "2026-11-02T10:15:00Z"
@@ -247,3 +248,22 @@ def test_the_card_answered_a_moment_ago_is_linked(client: FlaskClient, app: Flas
     response = client.post(f"/cds-services/{SIGN}/feedback", json={"feedback": [overridden(card["uuid"])]})
     assert response.get_json()["unknownCards"] == []
     assert table_rows(db_url, feedback)[0].card_known is True
+
+
+def test_feedback_needs_a_jwt_for_its_own_url(db_url: str, tmp_path: Path) -> None:
+    key = ec_key()
+    issuers = issuers_file(tmp_path / "issuers.json", [{"iss": EHR, "jwks": jwks(key)}])
+    app = create_app({"AUTH": "jwt", "TRUSTED_ISSUERS": str(issuers), "PUBLIC_URL": PUBLIC_URL, "DATABASE_URL": db_url})
+    client = app.test_client()
+    url = f"/cds-services/{SIGN}/feedback"
+    body = {"feedback": [overridden("c")]}
+    good = token(key, claims(f"{PUBLIC_URL}{url}", tenant="clinic-7"))
+    assert client.post(url, json=body, headers=bearer(good)).status_code == 200
+    [row] = table_rows(db_url, feedback)
+    assert (row.iss, row.tenant) == (EHR, "clinic-7")
+    # Replayed, minted for the hook service's URL instead, or missing: 401, nothing more stored.
+    assert client.post(url, json=body, headers=bearer(good)).status_code == 401
+    assert client.post(url, json=body, headers=bearer(token(key, claims(SIGN_URL)))).status_code == 401
+    assert client.post(url, json=body).status_code == 401
+    assert len(table_rows(db_url, feedback)) == 1
+    app.extensions["cds_store"].close()

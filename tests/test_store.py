@@ -23,7 +23,8 @@ from cds_service.store.db import database_url
 from cds_service.store.maintenance import parse_age
 from cds_service.store.schema import VERSION_TABLE, head_revision
 
-from .store_support import BACKENDS, rows, store_for, temp_database, unreachable_url
+from .jwt_support import EHR, PUBLIC_URL, SIGN_URL, bearer, claims, ec_key, issuers_file, jwks, token
+from .store_support import BACKENDS, flagged_call, rows, store_for, temp_database, unreachable_url
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -240,3 +241,19 @@ def test_the_wheel_ships_the_migrations(tmp_path: Path) -> None:
     for path in ("env.py", "script.py.mako", "versions/0001_initial.py"):
         assert f"cds_service/store/migrations/{path}" in names
     assert StoreUnavailable  # the package's public errors import from cds_service.store
+
+
+def test_a_token_replayed_to_another_instance_is_refused(db_url: str, tmp_path: Path) -> None:
+    # Two apps on one database stand for two gunicorn workers or two instances behind a load balancer.
+    key = ec_key()
+    issuers = issuers_file(tmp_path / "issuers.json", [{"iss": EHR, "jwks": jwks(key)}])
+    config = {"AUTH": "jwt", "TRUSTED_ISSUERS": str(issuers), "PUBLIC_URL": PUBLIC_URL, "DATABASE_URL": db_url}
+    first, second = create_app(config), create_app(config)
+    body = flagged_call()
+    stolen = bearer(token(key, claims(SIGN_URL)))
+    assert first.test_client().post("/cds-services/dsv-order-sign", json=body, headers=stolen).status_code == 200
+    assert second.test_client().post("/cds-services/dsv-order-sign", json=body, headers=stolen).status_code == 401
+    fresh = bearer(token(key, claims(SIGN_URL)))
+    assert second.test_client().post("/cds-services/dsv-order-sign", json=body, headers=fresh).status_code == 200
+    for app in (first, second):
+        app.extensions["cds_store"].close()
