@@ -12,7 +12,7 @@ import yaml
 
 from cds_service.matching import Verdict, describe, explain_lines, judge
 from cds_service.orders import read_order
-from cds_service.policy import Policy, load_policies, load_policy
+from cds_service.policy import Policy, PolicyError, load_policies, load_policy
 
 from .builders import CPT, ICD10, SNOMED, service_request
 from .conftest import ROOT
@@ -340,6 +340,16 @@ def test_explains_code_discounts_the_billing_code_but_not_a_named_technique(tmp_
     assert not plain.flagged
     assert plain.reason == "the billing code is explained by standard flexion/extension or bending radiographs"
     assert judged(service_request(cpt="76120", text="Cine lumbar spine flexion/extension"), policy).flagged
+
+
+def test_a_look_alike_place_must_be_a_known_place(tmp_path: Path) -> None:
+    def bad(recognition: dict[str, Any]) -> None:
+        recognition["look_alikes"][0]["places"] = ["code", "supportingInfo"]
+
+    with pytest.raises(
+        PolicyError, match=r"recognition\.look_alikes\[0\]\.places\[1\]: unknown place 'supportingInfo'"
+    ):
+        changed_policy(tmp_path, bad)
 
 
 def test_adding_a_look_alike_is_a_data_change(tmp_path: Path) -> None:
