@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 
 from alembic import command
@@ -54,10 +55,15 @@ def check_not_newer(revision: str | None) -> None:
         )
 
 
+# Alembic's `context` and `op` are module-level proxies: two migrations at once in one process (two apps, or a
+# writer thread and a request thread) would trample each other, so they take turns here as well as across processes.
+_PROCESS_LOCK = threading.Lock()
+
+
 def upgrade(db: Database) -> tuple[str | None, str]:
-    """Migrate to head (one process at a time); returns (revision before, revision after)."""
+    """Migrate to head (one migration at a time, in this process and across processes); (before, after)."""
     try:
-        with db.migration_lock():
+        with _PROCESS_LOCK, db.migration_lock():
             before = current_revision(db)
             check_not_newer(before)
             if before != head_revision():
