@@ -112,7 +112,8 @@ class Server:
     """A server process in its own process group, so stopping it stops its gunicorn workers too."""
 
     def __init__(self, kind: str, variant: Variant, command: list[str], env: dict[str, str], workdir: Path) -> None:
-        self.kind = kind
+        self.kind = kind  # "baseline" or the service's label
+        self.is_service = kind != "baseline"
         self.variant = variant
         self.command = command
         self.env = env
@@ -287,6 +288,11 @@ class LoadResult:
     exhausted: int
     other_load: float  # share of the machine's CPU used by processes that are not this benchmark
     cpu_share: float  # share of the machine's CPU used by the server under test
+    server_cpu_s: float  # CPU seconds the server (master and workers) used during the run
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return self.server_cpu_s / self.requests * 1e3 if self.requests else float("nan")
 
     @property
     def rps(self) -> float:
@@ -369,6 +375,7 @@ def run_wrk(
     busy_s = (busy_after - busy_before) / hz
     summary["other_load"] = max(0.0, busy_s - ours_s) / total_s if total_s else 0.0
     summary["cpu_share"] = (server_ticks - server_before) / hz / total_s if total_s else 0.0
+    summary["server_cpu_s"] = (server_ticks - server_before) / hz
     return summary
 
 
@@ -388,11 +395,35 @@ def load_result(app: str, variant: Variant, rnd: int, summary: dict[str, Any]) -
         exhausted=int(summary["exhausted"]),
         other_load=float(summary["other_load"]),
         cpu_share=float(summary["cpu_share"]),
+        server_cpu_s=float(summary["server_cpu_s"]),
     )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The bench
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One build of the service to measure: where cds_service is imported from, and extra settings (experiments)."""
+
+    label: str = "service"
+    src: Path | None = None
+    env: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> ServiceSpec:
+        """LABEL=SRC[,CDS_NAME=VALUE...]; an empty SRC imports cds_service as installed."""
+        label, _, rest = text.partition("=")
+        if not label or label == "baseline":
+            raise argparse.ArgumentTypeError(f"--service {text!r}: expected LABEL=SRC[,CDS_NAME=VALUE...]")
+        src, *pairs = rest.split(",")
+        return cls(label, Path(src) if src else None, tuple(tuple(p.split("=", 1)) for p in pairs))  # type: ignore[misc]
+
+    def describe(self) -> str:
+        source = f"cds_service from {self.src}" if self.src else "cds_service as installed"
+        extra = ", ".join(f"{k}={v}" for k, v in self.env)
+        return f"{self.label}: {source}, default settings" + (f" except {extra}" if extra else "")
 
 
 @dataclass
@@ -416,7 +447,7 @@ class Bench:
             raise RuntimeError(f"time budget of {self.args.max_minutes} min spent before {what}")
 
     # -- servers --------------------------------------------------------------------------------------------
-    def service(self, variant: Variant) -> Server:
+    def service(self, variant: Variant, spec: ServiceSpec) -> Server:
         port = free_port()
         sets = variant.gunicorn_sets()
         if sets:
@@ -425,26 +456,28 @@ class Bench:
             command = [sys.executable, "-m", "cds_service", "serve"]
         command += ["--host", HOST, "--port", str(port), *variant.serve_args()]
         db = self.workdir / f"cds-{port}.sqlite3"
-        env = self.base_env() | {
+        env = self.base_env(spec.src) | {
             "CDS_DATABASE_URL": f"sqlite:///{db}",
             "CDS_PUBLIC_URL": f"http://{HOST}:{port}",
             "CDS_AUTH": self.auth,
         }
         if self.auth == "jwt":
             env["CDS_TRUSTED_ISSUERS"] = str(self.issuers_file)
-        return Server("service", variant, command, env, self.workdir)
+        env.update(dict(spec.env))
+        return Server(spec.label, variant, command, env, self.workdir)
 
     def baseline(self, variant: Variant) -> Server:
         port = free_port()
         command = [sys.executable, str(HERE / "baseline_app.py"), "--host", HOST, "--port", str(port)]
         command += variant.serve_args() + variant.gunicorn_sets()
-        return Server("baseline", variant, command, self.base_env(), self.workdir)
+        # The baseline imports cds_service only for its gunicorn options: from the first build measured.
+        return Server("baseline", variant, command, self.base_env(self.args.services[0].src), self.workdir)
 
-    def base_env(self) -> dict[str, str]:
+    def base_env(self, src: Path | None) -> dict[str, str]:
         # The service runs on its defaults: no CDS_* setting leaks in from the shell that runs the bench.
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
-        if self.args.service_src:
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.args.service_src), env.get("PYTHONPATH")]))
+        if src:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
         return env
 
     # -- tokens ---------------------------------------------------------------------------------------------
@@ -453,7 +486,7 @@ class Bench:
 
     def token_files(self, server: Server, count: int, threads: int) -> Path | None:
         """Sign `count` fresh tokens for `server` and split them into one file per wrk thread."""
-        if server.kind != "service" or self.auth != "jwt":
+        if not server.is_service or self.auth != "jwt":
             return self.fixed_token_file()
         pool = tokens.sign_pool(self.signer, self.audience(server), count)
         prefix = self.workdir / f"tokens-{server.port}-{time.monotonic_ns()}"
@@ -471,7 +504,7 @@ class Bench:
         return prefix
 
     def one_token(self, server: Server) -> str | None:
-        if server.kind != "service" or self.auth != "jwt":
+        if not server.is_service or self.auth != "jwt":
             return None
         return tokens.sign_pool(self.signer, self.audience(server), 1, processes=1)[0]
 
@@ -498,7 +531,7 @@ class Bench:
                 if status != 200:
                     problems.append(f"{server.kind} {size} orders: HTTP {status} {data[:200]!r}")
                     continue
-                if server.kind == "service":
+                if server.is_service:
                     cards = orjson.loads(data).get("cards", [])
                     refs = sorted(
                         r["reference"]
@@ -545,7 +578,7 @@ class Bench:
         threads = self.args.wrk_threads
         count = max_requests + 500 if max_requests else int(self.est_rate * 1.5 * duration) + 1000
         prefix = self.token_files(server, count, threads)
-        mode = "rotate" if server.kind == "service" and self.auth == "jwt" else "fixed"
+        mode = "rotate" if server.is_service and self.auth == "jwt" else "fixed"
         summary = run_wrk(
             self.wrk,
             server,
@@ -588,7 +621,7 @@ def prepare(args: argparse.Namespace, workdir: Path) -> Bench:
 
 def choose_auth(bench: Bench) -> None:
     """CDS_AUTH=jwt with real tokens; if the verifier is still the placeholder (every call 401), fall back to off."""
-    server = bench.service(Variant())
+    server = bench.service(Variant(), bench.args.services[0])
     try:
         server.start()
         status = bench.probe_auth(server)
@@ -610,7 +643,9 @@ def choose_auth(bench: Bench) -> None:
 
 def run_variant(bench: Bench, variant: Variant, results: dict[str, Any]) -> None:
     args = bench.args
-    servers = {"baseline": bench.baseline(variant), "service": bench.service(variant)}
+    servers = {"baseline": bench.baseline(variant)}
+    servers.update({spec.label: bench.service(variant, spec) for spec in args.services})
+    specs = {spec.label: spec for spec in args.services}
     entry: dict[str, Any] = {"variant": variant.name, "startup_s": {}, "memory": {}, "scaling": {}, "load": []}
     results["variants"].append(entry)
     try:
@@ -637,16 +672,20 @@ def run_variant(bench: Bench, variant: Variant, results: dict[str, Any]) -> None
 
         # Alternating load rounds: baseline, service, then service, baseline, ...
         for rnd in range(args.rounds):
-            order = ["baseline", "service"] if rnd % 2 == 0 else ["service", "baseline"]
+            # Rotate who goes first, so a drift in the machine's load does not always favour the same app.
+            names = list(servers)
+            order = names[rnd % len(names) :] + names[: rnd % len(names)]
             for name in order:
                 bench.check_budget(f"round {rnd + 1} {name}")
                 server = servers[name]
                 other = [s for n, s in servers.items() if n != name]
                 summary = bench.load(server, duration=args.duration, idle=other)
                 result = load_result(name, variant, rnd + 1, summary)
-                if name == "service" and result.valid:
+                if name != "baseline" and result.valid:
                     bench.est_rate = max(bench.est_rate, result.rps)
-                entry["load"].append(result.__dict__ | {"rps": result.rps, "valid": result.valid})
+                entry["load"].append(
+                    result.__dict__ | {"rps": result.rps, "valid": result.valid, "cpu_ms": result.cpu_ms_per_request}
+                )
                 log(
                     f"round {rnd + 1} {name:8s} {variant.name}: {result.rps:7.0f} req/s p50 {result.p50_ms:.1f} "
                     f"p99 {result.p99_ms:.1f} ms errors {result.errors} other load {result.other_load:.0%}"
@@ -664,7 +703,7 @@ def run_variant(bench: Bench, variant: Variant, results: dict[str, Any]) -> None
     for name in servers:
         for _ in range(args.startup_runs - 1):
             bench.check_budget(f"start-up {name}")
-            server = bench.baseline(variant) if name == "baseline" else bench.service(variant)
+            server = bench.baseline(variant) if name == "baseline" else bench.service(variant, specs[name])
             try:
                 entry["startup_s"][name].append(server.start())
             finally:
@@ -714,21 +753,23 @@ def render(results: dict[str, Any]) -> str:
         f"Machine: {m['nproc']} x {m['cpu']}, Linux {m['kernel']}, Python {m['python']}; {m['packages']}",
         f"Date: {m['date']}; load average at start {m['loadavg']}",
         f"Auth: {results['auth_note']}",
+        f"Service: {results['service']}",
         f"Load: wrk, {results['connections']} connections, {results['wrk_threads']} thread(s), "
         f"{results['duration']:.0f} s per run, {results['rounds']} alternating rounds; 5-order order-sign body "
         f"(~{results['body_bytes'][5] / 1024:.0f} KB, 1 DSV order flagged)",
         "",
-        "| gunicorn | app | req/s (median) | min-max | p50 ms | p90 ms | p99 ms | ratio to baseline | other load |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| gunicorn | app | req/s (median) | min-max | p50 ms | p90 ms | p99 ms | ratio to baseline | "
+        "server CPU ms/req | other load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     checks = []
     for entry in results["variants"]:
         base_rps = _median([r["rps"] for r in entry["load"] if r["app"] == "baseline" and r["valid"]])
-        for app in ("baseline", "service"):
+        for app in dict.fromkeys(r["app"] for r in entry["load"]):
             runs = [r for r in entry["load"] if r["app"] == app]
             good = [r for r in runs if r["valid"]]
             if not good:
-                out.append(f"| {entry['variant']} | {app} | no valid run | | | | | | |")
+                out.append(f"| {entry['variant']} | {app} | no valid run | | | | | | | |")
                 continue
             rps = _median([r["rps"] for r in good])
             p99 = _median([r["p99_ms"] for r in good])
@@ -738,10 +779,11 @@ def render(results: dict[str, Any]) -> str:
                 f"| {entry['variant']} | {app}{f' ({bad} invalid runs)' if bad else ''} | {rps:,.0f} | "
                 f"{min(r['rps'] for r in good):,.0f}-{max(r['rps'] for r in good):,.0f} | "
                 f"{_median([r['p50_ms'] for r in good]):.1f} | {_median([r['p90_ms'] for r in good]):.1f} | "
-                f"{p99:.1f} | {ratio:.2f} | {max(r['other_load'] for r in good):.0%} |"
+                f"{p99:.1f} | {ratio:.2f} | {_median([r['cpu_ms'] for r in good]):.2f} | "
+                f"{max(r['other_load'] for r in good):.0%} |"
             )
-            if app == "service":
-                name = entry["variant"]
+            if app != "baseline":
+                name = f"{entry['variant']} {app}"
                 checks.append(f"{name}: throughput ratio {ratio:.2f} (>= {TARGET_RATIO}) {_ok(ratio >= TARGET_RATIO)}")
                 checks.append(f"{name}: p99 {p99:.1f} ms (<= {TARGET_P99_MS:.0f}) {_ok(p99 <= TARGET_P99_MS)}")
 
@@ -762,9 +804,9 @@ def render(results: dict[str, Any]) -> str:
                 f"| {entry['variant']} | {app} | {t[5] * 1e3:.2f} | {t[50] * 1e3:.2f} | {t[500] * 1e3:.2f} | "
                 f"{per} | {marginal:,.0f} |"
             )
-            if app == "service":
+            if app != "baseline":
                 checks.append(
-                    f"{entry['variant']}: 500 orders {t[500] * 1e3:.1f} ms (< {TARGET_500_MS:.0f}) "
+                    f"{entry['variant']} {app}: 500 orders {t[500] * 1e3:.1f} ms (< {TARGET_500_MS:.0f}) "
                     f"{_ok(t[500] * 1e3 < TARGET_500_MS)}"
                 )
 
@@ -788,10 +830,10 @@ def render(results: dict[str, Any]) -> str:
                 f"| {entry['variant']} | {app} | {len(first)} | N={steps[0]:,}: {fmt(first)} | {fmt(second)} | "
                 f"{growth:+.1f} | {fmt(readings.get('end', []))} |"
             )
-            if app == "service" and first:
+            if app != "baseline" and first:
                 worst = max(r[0] for r in second) / 1024
                 checks.append(
-                    f"{entry['variant']}: RSS {worst:.0f} MB after {steps[1]:,} calls (<= {TARGET_RSS_MB:.0f}) "
+                    f"{entry['variant']} {app}: RSS {worst:.0f} MB after {steps[1]:,} calls (<= {TARGET_RSS_MB:.0f}) "
                     f"{_ok(worst <= TARGET_RSS_MB)}; growth {growth:+.1f} MB"
                 )
 
@@ -801,9 +843,9 @@ def render(results: dict[str, Any]) -> str:
         for app, runs in entry["startup_s"].items():
             med = _median(runs)
             out.append(f"| {entry['variant']} | {app} | {', '.join(f'{r:.2f}' for r in runs)} | {med:.2f} |")
-            if app == "service":
+            if app != "baseline":
                 ok = _ok(med < TARGET_STARTUP_S)
-                checks.append(f"{entry['variant']}: start-up {med:.2f} s (< {TARGET_STARTUP_S:.0f}) {ok}")
+                checks.append(f"{entry['variant']} {app}: start-up {med:.2f} s (< {TARGET_STARTUP_S:.0f}) {ok}")
 
     out += ["", "Targets (issue 7):", ""] + [f"- {c}" for c in checks]
     if results["sanity"]:
@@ -836,11 +878,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--jwt-alg", choices=tokens.ALGORITHMS, default="ES384")
     parser.add_argument(
-        "--service-src", type=Path, default=None, help="import cds_service from this checkout (A/B experiments)"
+        "--service",
+        action="append",
+        type=ServiceSpec.parse,
+        default=[],
+        metavar="LABEL=SRC[,CDS_NAME=VALUE...]",
+        help="a build to measure (repeat to compare builds in one run): cds_service imported from SRC, extra "
+        "settings for experiments; default: the installed cds_service as `service`",
     )
     parser.add_argument("--max-minutes", type=float, default=40.0, help="abort when the bench runs longer")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     args = parser.parse_args(argv)
+    args.services = args.service or [ServiceSpec()]
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.duration = args.duration or (3.0 if args.quick else 10.0)
     args.mem_calls = args.mem_calls or (2000 if args.quick else 10000)
@@ -882,6 +931,7 @@ def main(argv: list[str] | None = None) -> int:
         results["body_bytes"] = {size: len(pool[0]) for size, pool in bench.body_pools.items()}
         choose_auth(bench)
         results["auth_note"] = bench.auth_note
+        results["service"] = "; ".join(spec.describe() for spec in args.services)
         for variant in args.variant_list:
             run_variant(bench, variant, results)
     text = render(results)
