@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import crd
 from .audit import CallRecord, summarise_actions, summarise_cards
@@ -41,7 +42,13 @@ def read_json() -> Any:
     orjson rejects invalid UTF-8, lone surrogates, NaN/Infinity and numbers that overflow a double; duplicate keys
     keep the last value, as JavaScript's JSON.parse does (RFC 8259 leaves it to the parser).
     """
-    data = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH, chunked bodies included
+    data = request.get_data(cache=False)  # 413 when Content-Length is over MAX_CONTENT_LENGTH, before reading
+    limit = request.max_content_length
+    # A streamed (chunked) body is cut at the limit without an error (werkzeug's LimitedStream.readall stops there):
+    # one more byte from the server's stream tells a body of exactly the limit from a longer one.
+    streamed_to_limit = request.content_length is None and limit is not None and len(data) >= limit
+    if streamed_to_limit and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
     if data.startswith(_BOM):
         data = data[len(_BOM) :]  # RFC 8259 section 8.1: a parser may ignore a byte order mark; some clients send one
     if not data.strip():
