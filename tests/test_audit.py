@@ -4,6 +4,7 @@ that leaves hooks answering while /health and /ready say so."""
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy.engine import make_url
 
 from cds_service import create_app
 from cds_service.audit import CallRecord
@@ -21,6 +23,7 @@ from .conftest import SIGN
 from .jwt_support import EHR, PUBLIC_URL, SIGN_URL, bearer, claims, ec_key, issuers_file, jwks, token
 from .store_support import (
     BACKENDS,
+    PG_URL,
     down_then_up,
     flagged_call,
     rows,
@@ -282,3 +285,21 @@ def test_the_callers_identity_is_audited_never_the_token(db_url: str, tmp_path: 
     dump = repr([table_rows(db_url, table) for table in (audit_call,)])
     for tok in (signed, expired):
         assert tok not in dump and tok.split(".")[2] not in dump
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "postgresql"])
+def test_a_hanging_database_does_not_hang_health_or_ready(backend: str) -> None:
+    # A server that completes the TCP handshake and then says nothing (a dropped network path).
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = make_url(PG_URL or "").set(host="127.0.0.1", port=silent.getsockname()[1])
+        app = create_app({"AUTH": "off", "DATABASE_URL": url.render_as_string(hide_password=False)})
+        client = app.test_client()
+        assert client.post(f"/cds-services/{SIGN}", json=flagged_call()).status_code == 200
+        health = client.get("/health")
+        assert health.status_code == 200 and health.get_json()["status"] == "degraded"
+        assert "did not answer" in health.get_json()["store"]["error"]
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and "did not answer" in ready.get_json()["issue"][0]["diagnostics"]
+        app.extensions["cds_store"].writer.close(timeout=0.1)

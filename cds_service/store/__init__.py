@@ -38,6 +38,9 @@ class Store:
         self._schema_ok_pid = 0
         self._schema_lock = threading.Lock()
         self._probe: tuple[float, str | None] = (0.0, None)
+        self._probe_thread: threading.Thread | None = None
+        self._probe_lock = threading.Lock()
+        self._probe_pid = 0
         _open_stores.add(self)
 
     # -- schema --------------------------------------------------------------------------------------------------
@@ -87,19 +90,34 @@ class Store:
             return str(exc)
         return None
 
+    def _probe_now(self, wait: float) -> str | None:
+        """Probe in a helper thread, waiting at most `wait` s: a database that hangs (a dropped network) must not
+        hang /health or /ready past their callers' timeouts. One probe at a time per process."""
+        with self._probe_lock:
+            thread = self._probe_thread
+            if thread is None or not thread.is_alive() or self._probe_pid != os.getpid():
+
+                def probe() -> None:
+                    self._probe = (time.monotonic(), self._check())
+
+                thread = threading.Thread(target=probe, name="cds-store-probe", daemon=True)
+                self._probe_thread, self._probe_pid = thread, os.getpid()
+                thread.start()
+        thread.join(wait)
+        if thread.is_alive():
+            return f"the database did not answer within {wait:g} s"
+        return self._probe[1]
+
     def health(self) -> dict[str, Any]:
         """For /health (liveness, always 200): the store's state, probed at most every few seconds."""
         checked_at, problem = self._probe
         if time.monotonic() - checked_at > _HEALTH_TTL:
-            problem = self._check()
-            self._probe = (time.monotonic(), problem)
+            problem = self._probe_now(wait=0.5)
         return self._describe(problem)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """For /ready: probe now; ready when the database answers and audit records are being written."""
-        problem = self._check()
-        self._probe = (time.monotonic(), problem)
-        body = self._describe(problem)
+        body = self._describe(self._probe_now(wait=2.0))
         return body.get("status") != "degraded", body
 
     def _describe(self, problem: str | None) -> dict[str, Any]:
