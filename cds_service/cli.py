@@ -15,7 +15,7 @@ import orjson
 from . import config as config_module
 from .errors import ServiceError
 from .hooks import HookResult, evaluate, parse_hook_request
-from .matching import Verdict
+from .matching import describe
 from .policy import PolicyError, Service, load_policies, packaged_policy_dir
 from .runtime import build_runtime
 
@@ -81,26 +81,11 @@ def explain(result: HookResult, stream: TextIO) -> None:
     if not result.verdicts:
         _out("No ServiceRequest was judged (none in draftOrders, or none selected).", stream)
     for verdict in result.verdicts:
-        _out(_explain_verdict(verdict), stream)
+        _out(describe(verdict), stream)
     if result.notes:
         _out("Notes:", stream)
         for note in result.notes:
             _out(f"  - {note}", stream)
-
-
-def _explain_verdict(verdict: Verdict) -> str:
-    ref = verdict.order.reference or "ServiceRequest (no id)"
-    label = " ".join(verdict.order.label().split())
-    lines = [
-        f"{ref}: {'FLAGGED' if verdict.flagged else 'not flagged'} by {verdict.policy.id} {verdict.policy.version}",
-        f"  order:   {label}",
-        f"  reason:  {verdict.reason}",
-    ]
-    lines += [f"  for:     {e.label}" for e in verdict.evidence_for]
-    lines += [f"  against: {e.label}" for e in verdict.evidence_against]
-    if verdict.flagged:
-        lines.append(f"  region:  {verdict.region or 'not named (no replacement offered)'}")
-    return "\n".join(lines)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
