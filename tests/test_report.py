@@ -347,3 +347,18 @@ def test_end_to_end_through_the_hooks_and_the_feedback_endpoint(db_url: str) -> 
     assert report["feedback"]["overrideRate"] == 0.5
     assert report["errors"]["byStatus"][0]["status"] == 400
     store.close()
+
+
+def test_feedback_stored_before_its_card_was_written_is_linked_in_the_report(db_url: str) -> None:
+    # Another worker answered the card and had not written it yet when the feedback arrived: stored unlinked.
+    store = store_for(db_url)
+    store.upgrade()
+    early = parse_feedback({"feedback": [accept(1, "remove-1")]})
+    assert store.save_feedback(SIGN, early, Identity()).unknown_cards == ["card-1"]
+    assert build_report(store.db)["feedback"]["itemsForUnknownCards"] == 1
+    store.writer.record(CallRecord(service_id=SIGN, hook="order-sign", started_at=DAY, cards=[card(1, "lumbar")]))
+    assert store.writer.flush(10)
+    report = build_report(store.db)["feedback"]
+    assert report["itemsForUnknownCards"] == 0 and report["accepted"] == 1
+    assert report["acceptedBySuggestion"] == [{"kind": "removed the order", "label": REMOVE, "count": 1}]
+    store.close()

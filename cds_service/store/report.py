@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from .db import Database
-from .models import audit_call, feedback
+from .models import audit_call, audit_card, feedback
 
 # Human names for matching.Evidence kinds.
 EVIDENCE_KINDS = {
@@ -108,11 +108,14 @@ def build_report(db: Database, since: datetime | None = None, until: datetime | 
                 if card.get("uuid"):
                     shown.add(card["uuid"])
 
+        # A card answered by one worker may still have been in that worker's audit queue when its feedback reached
+        # another: such items were stored unlinked, and are linked here once the card is in the log.
+        linked_call = func.coalesce(feedback.c.call_id, audit_card.c.call_id).label("call_id")
         items = conn.execute(
             select(
                 feedback.c.id,
                 feedback.c.card_uuid,
-                feedback.c.call_id,
+                linked_call,
                 feedback.c.outcome,
                 feedback.c.accepted_suggestions,
                 feedback.c.override_system,
@@ -120,6 +123,13 @@ def build_report(db: Database, since: datetime | None = None, until: datetime | 
                 feedback.c.override_display,
                 feedback.c.user_comment,
                 feedback.c.outcome_timestamp,
+            )
+            .select_from(
+                feedback.outerjoin(
+                    audit_card,
+                    (audit_card.c.card_uuid == feedback.c.card_uuid)
+                    & (audit_card.c.service_id == feedback.c.service_id),
+                )
             )
             .where(*fb_filter)
             .order_by(feedback.c.outcome_timestamp, feedback.c.id)
