@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import logging
 import math
@@ -424,10 +425,8 @@ class Authenticator:
         """
         token = _bearer_token(authorization)
         try:
-            header = jwt.get_unverified_header(token)
-            unverified = jwt.decode(token, options={"verify_signature": False})
-        except (jwt.PyJWTError, ValueError, TypeError, RecursionError):
-            # PyJWT decodes with the json module: a deeply nested header or payload raises RecursionError.
+            header, unverified = _peek(token)
+        except ValueError:
             raise AuthError("malformed token") from None
         claimed_iss = unverified.get("iss")
         who = {
@@ -447,6 +446,7 @@ class Authenticator:
         if not isinstance(kid, str) or not kid:
             raise AuthError("header has no kid", **who)
         if "crit" in header:
+            # RFC 7515 section 4.1.11: a recipient must refuse extensions it does not understand (this one knows none).
             raise AuthError("header names critical extensions this service does not implement", **who)
         if not isinstance(claimed_iss, str):
             raise AuthError("missing claim iss" if claimed_iss is None else "claim iss is not a string", **who)
@@ -524,6 +524,26 @@ class Authenticator:
             raise AuthError("jti already used (replay)", **who)
         sub = claims.get("sub")
         return Identity(iss=issuer.iss, kid=kid, jti=jti, tenant=tenant, sub=sub if isinstance(sub, str) else None)
+
+
+def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A compact JWS's header and claims, unverified: enough to find the issuer and key. PyJWT then verifies it.
+
+    One fast look instead of PyJWT's get_unverified_header plus an unverified decode, which each re-validate the
+    whole token character by character in Python (about 100 us apiece). Where this reading and PyJWT's could
+    differ (characters outside base64url, NaN), PyJWT refuses the token, so nothing accepted depends on it.
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise ValueError("not a compact JWS")
+    header, claims = orjson.loads(_b64url(parts[0])), orjson.loads(_b64url(parts[1]))
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise ValueError("header and claims must be JSON objects")
+    return header, claims
+
+
+def _b64url(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
 def _bearer_token(authorization: str | None) -> str:

@@ -234,7 +234,7 @@ REFUSED: dict[str, tuple[Forge, str]] = {
     "no typ": (lambda es, rs, tk: token(es, typ=None), "typ is not JWT"),
     "typ is not JWT": (lambda es, rs, tk: token(es, typ="at+jwt"), "typ is not JWT"),
     "no kid": (lambda es, rs, tk: token(es, kid=None), "header has no kid"),
-    "critical extension": (lambda es, rs, tk: token(es, crit=["exp"]), "malformed token"),
+    "critical extension": (lambda es, rs, tk: token(es, crit=["exp"]), "critical extensions"),
     "jku although the issuer has no jwks_url": (
         lambda es, rs, tk: token(es, jku="https://ehr.example.org/jwks.json"),
         "is not this issuer's jwks_url",
