@@ -391,7 +391,10 @@ def _loggable(value: Any) -> str | None:
 def _number(value: Any) -> float | None:
     """A NumericDate (RFC 7519): a finite number. NaN would slip past every comparison, so it is not one."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past any float: not a time
+            return None
         return number if math.isfinite(number) else None
     return None
 
@@ -481,7 +484,8 @@ class Authenticator:
             )
         except jwt.InvalidSignatureError:
             raise AuthError("bad signature", **who) from None
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, ValueError, RecursionError) as exc:
+            # PyJWT reads the token again with the json module, which recurses where orjson does not.
             raise AuthError(f"token rejected ({type(exc).__name__})", **who) from None
         return self._check_claims(claims, issuer, audience, kid, who)
 

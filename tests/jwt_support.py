@@ -99,13 +99,14 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def raw_token(header: dict[str, Any], payload: Any, *, hmac_secret: bytes | None = None) -> str:
+def raw_token(header: Any, payload: Any, *, hmac_secret: bytes | None = None) -> str:
     """A compact JWS built by hand (for forgeries PyJWT refuses to make): unsigned, or HMAC-SHA256 with a secret.
 
-    `payload` is JSON-encoded, or used as is when it is bytes.
+    `header` and `payload` are JSON-encoded, or used as they are when given as bytes.
     """
+    head = header if isinstance(header, bytes) else json.dumps(header).encode()
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(body)}"
+    signing_input = f"{_b64(head)}.{_b64(body)}"
     signature = b""
     if hmac_secret is not None:
         signature = hmac.new(hmac_secret, signing_input.encode(), hashlib.sha256).digest()
