@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 from flask import Blueprint, Response, current_app, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import crd
 from .audit import CallRecord, summarise_actions, summarise_cards
@@ -112,10 +112,13 @@ def call_service(service_id: str) -> Response:
         record.patient_id = hook_request.patient_id
         result = evaluate(hook_request, service, coverage=rt.coverage)
     except ServiceError as exc:
-        record.status = exc.status
-        record.error = record.error or exc.message
-        record.duration_ms = (time.perf_counter() - started) * 1000
-        rt.audit.record(record)
+        _audit_failure(rt, record, started, exc.status, exc.message)
+        raise
+    except HTTPException as exc:  # 413 from the body limit
+        _audit_failure(rt, record, started, exc.code or 500, exc.name)
+        raise
+    except Exception:
+        _audit_failure(rt, record, started, 500, "internal error")
         raise
     record.orders = [v.to_dict() for v in result.verdicts]
     record.cards = summarise_cards(result.cards)
@@ -126,6 +129,14 @@ def call_service(service_id: str) -> Response:
     record.duration_ms = (time.perf_counter() - started) * 1000
     rt.audit.record(record)
     return response
+
+
+def _audit_failure(rt: Runtime, record: CallRecord, started: float, status: int, reason: str) -> None:
+    """Refused and failed calls are audited too, with the reason (a 401's reason was set by authenticate)."""
+    record.status = status
+    record.error = record.error or reason
+    record.duration_ms = (time.perf_counter() - started) * 1000
+    rt.audit.record(record)
 
 
 @bp.get("/health")

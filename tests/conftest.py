@@ -10,10 +10,20 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from cds_service import create_app
+from cds_service.store import _open_stores
 
 ROOT = Path(__file__).resolve().parent.parent
 SELECT = "dsv-order-select"
 SIGN = "dsv-order-sign"
+
+
+@pytest.fixture(autouse=True)
+def _close_stores_opened_by_the_test() -> Iterator[None]:
+    """Every app a test builds opens a store with a writer thread; close them so none outlives its temp folder."""
+    before = set(_open_stores)
+    yield
+    for store in set(_open_stores) - before:
+        store.close()
 
 
 @pytest.fixture

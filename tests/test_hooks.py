@@ -331,3 +331,12 @@ def test_odd_shapes_inside_a_flagged_order_never_fail(client: FlaskClient, field
     response = post(client, SIGN, b.hook_request("order-sign", [order], prefetch=prefetch))
     assert response.status_code == 200
     assert len(response.get_json()["cards"]) == 1
+
+
+def test_refused_and_oversized_calls_are_audited(app: Any, client: FlaskClient) -> None:
+    seen = []
+    app.extensions["cds"].audit = type("Sink", (), {"record": lambda self, call: seen.append(call)})()
+    post(client, SIGN, {"hook": "order-sign"})
+    client.post(f"/cds-services/{SIGN}", data=b"x" * (5 * 1024 * 1024 + 1), content_type="application/json")
+    post(client, SIGN, valid())
+    assert [(c.status, bool(c.error)) for c in seen] == [(400, True), (413, True), (200, False)]
