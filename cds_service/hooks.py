@@ -120,12 +120,15 @@ def orders_to_judge(request: HookRequest) -> list[OrderView]:
     orders: list[OrderView] = []
     seen: set[str] = set()
     wanted = set(request.selections) if request.selections is not None else None
+    # The "ServiceRequest/<id>" ending of each absolute selection, indexed once: O(selections + orders), not their
+    # product (a hostile 450,000 selections against 200 orders took 25 s with a scan per order).
+    tails = {_tail(s) for s in wanted} if wanted is not None else set()
     for resource, full_url in iter_bundle_resources(request.draft_orders):
         if resource.get("resourceType") != "ServiceRequest":
             continue
         rid = resource.get("id")
         key = f"ServiceRequest/{rid}" if isinstance(rid, str) else None
-        if wanted is not None and not _selected(wanted, key, full_url):
+        if wanted is not None and not _selected(wanted, tails, key, full_url):
             continue
         if key is not None:
             if key in seen:
@@ -135,13 +138,16 @@ def orders_to_judge(request: HookRequest) -> list[OrderView]:
     return orders
 
 
-def _selected(wanted: set[str], key: str | None, full_url: str | None) -> bool:
+def _tail(selection: str) -> str:
+    """The last two path segments ("ServiceRequest/abc" of "https://ehr/fhir/ServiceRequest/abc")."""
+    return "/".join(selection.rsplit("/", 2)[-2:])
+
+
+def _selected(wanted: set[str], tails: set[str], key: str | None, full_url: str | None) -> bool:
     # Selections are "ServiceRequest/<id>"; some clients send the entry's fullUrl or an absolute URL instead.
     if key is None:
         return full_url is not None and full_url in wanted
-    if key in wanted or (full_url is not None and full_url in wanted):
-        return True
-    return any(s.endswith("/" + key) for s in wanted)
+    return key in wanted or (full_url is not None and full_url in wanted) or key in tails
 
 
 @dataclass

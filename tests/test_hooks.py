@@ -340,3 +340,11 @@ def test_refused_and_oversized_calls_are_audited(app: Any, client: FlaskClient) 
     client.post(f"/cds-services/{SIGN}", data=b"x" * (5 * 1024 * 1024 + 1), content_type="application/json")
     post(client, SIGN, valid())
     assert [(c.status, bool(c.error)) for c in seen] == [(400, True), (413, True), (200, False)]
+
+
+def test_selections_may_be_absolute_urls(client: FlaskClient) -> None:
+    body = b.hook_request(
+        "order-select", [dsv("a"), dsv("b")], selections=["https://ehr.example.org/fhir/ServiceRequest/b"]
+    )
+    cards = post(client, SELECT, body).get_json()["cards"]
+    assert [c["extension"]["davinci-crd.associated-resource"][0]["reference"] for c in cards] == ["ServiceRequest/b"]
