@@ -14,6 +14,7 @@ import pytest
 from cds_service.cli import main
 
 from .conftest import ROOT
+from .process_support import build_wheel
 
 FIXTURES = ROOT / "fixtures" / "hooks"
 DSV_REQUEST = FIXTURES / "order-select-r4-dsv-selected.request.json"
@@ -103,28 +104,11 @@ def test_flask_run_entry_point_finds_the_app() -> None:
 @pytest.mark.slow
 def test_built_wheel_finds_its_policy_files_from_another_folder(tmp_path: Path) -> None:
     """A plain, non-editable install carries cards/ inside the package and works outside the checkout."""
-    build = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert build.returncode == 0, build.stderr
-    [wheel] = tmp_path.glob("cds_service-*.whl")
+    wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert "cds_service/_cards/dynamic-spinal-visualization.yaml" in names
+    for path in ("env.py", "script.py.mako", "versions/0001_initial.py"):
+        assert f"cds_service/store/migrations/{path}" in names
     target = tmp_path / "site"
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

@@ -4,10 +4,8 @@ audited exactly once, and a graceful stop (SIGTERM) in the middle of a load lose
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -23,7 +21,8 @@ import pytest
 from cds_service.store.models import audit_call
 
 from .conftest import SIGN
-from .store_support import BACKENDS, flagged_call, free_port, table_rows, temp_database
+from .process_support import running_server as serve
+from .store_support import BACKENDS, flagged_call, table_rows, temp_database
 
 pytestmark = pytest.mark.slow
 
@@ -36,34 +35,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @contextmanager
 def running_server(db_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    port = free_port()
-    env = {**os.environ, "CDS_AUTH": "off", "CDS_DATABASE_URL": db_url, "CDS_PUBLIC_URL": f"http://127.0.0.1:{port}"}
-    log = tmp_path / "server.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cds_service", "serve", "--port", str(port), "--workers", "2"],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/ready", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"server did not start (exit {process.returncode}):\n{log.read_text()}")
-            time.sleep(0.1)
-        yield process, base, log
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
+    with serve(tmp_path, "--workers", "2", env={"CDS_DATABASE_URL": db_url}, ready_path="/ready") as running:
+        yield running
 
 
 def call(base: str) -> str | None:

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import threading
 import time
-import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +17,7 @@ from cds_service import create_app
 from cds_service.audit import CallRecord
 from cds_service.cli import main
 from cds_service.config import ConfigError
-from cds_service.store import SchemaTooNew, StoreUnavailable
+from cds_service.store import SchemaTooNew
 from cds_service.store.db import database_url
 from cds_service.store.maintenance import parse_age
 from cds_service.store.schema import VERSION_TABLE, head_revision
@@ -216,31 +215,6 @@ def test_commands_report_an_unreachable_database(
     assert main(["report"]) == 1
     assert main(["audit", "purge"]) == 1
     assert capsys.readouterr().err.count("cds-service:") == 3
-
-
-@pytest.mark.slow
-def test_the_wheel_ships_the_migrations(tmp_path: Path) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        check=True,
-        timeout=300,
-    )
-    wheel = next(tmp_path.glob("cds_service-*.whl"))
-    names = set(zipfile.ZipFile(wheel).namelist())
-    for path in ("env.py", "script.py.mako", "versions/0001_initial.py"):
-        assert f"cds_service/store/migrations/{path}" in names
-    assert StoreUnavailable  # the package's public errors import from cds_service.store
 
 
 def test_a_token_replayed_to_another_instance_is_refused(db_url: str, tmp_path: Path) -> None:
