@@ -12,6 +12,8 @@ from flask.testing import FlaskClient
 from cds_service import create_app
 from cds_service.store import _open_stores
 
+from .store_support import BACKENDS, temp_database
+
 ROOT = Path(__file__).resolve().parent.parent
 SELECT = "dsv-order-select"
 SIGN = "dsv-order-sign"
@@ -36,3 +38,25 @@ def app(tmp_path: Path) -> Iterator[Flask]:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The store backends under test: SQLite always, PostgreSQL when CDS_TEST_DATABASE_URL names one."""
+    return str(request.param)
+
+
+@pytest.fixture
+def db_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A database nobody else uses (a SQLite file, or a fresh PostgreSQL schema dropped afterwards)."""
+    with temp_database(backend, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def store_app(db_url: str) -> Iterator[Flask]:
+    """An app without client authentication on the `db_url` database."""
+    application = create_app({"AUTH": "off", "DATABASE_URL": db_url})
+    application.config["TESTING"] = True
+    yield application
+    application.extensions["cds_store"].close()

@@ -4,8 +4,8 @@ that leaves hooks answering while /health and /ready say so."""
 from __future__ import annotations
 
 import logging
+import re
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +38,9 @@ SECRET_TOKEN = "fhir-access-token-7c1e-SECRET"
 SECRET_JWT = "eyJhbGciOiJFUzM4NCJ9.eyJpc3MiOiJzZWNyZXQifQ.SECRET-JWT-SIGNATURE"
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 @pytest.fixture
-def db_url(backend: str, tmp_path: Path) -> Iterator[str]:
-    with temp_database(backend, tmp_path) as url:
-        yield url
-
-
-@pytest.fixture
-def app(db_url: str) -> Iterator[Flask]:
-    application = create_app({"AUTH": "off", "DATABASE_URL": db_url})
-    application.config["TESTING"] = True
-    yield application
-    application.extensions["cds_store"].close()
+def app(store_app: Flask) -> Flask:
+    return store_app
 
 
 @pytest.fixture
@@ -209,7 +195,8 @@ def test_database_down_hooks_answer_health_degraded_ready_503(
         response = client.post(f"/cds-services/{SIGN}", json=flagged_call())
         assert response.status_code == 200 and len(response.get_json()["cards"]) == 1
     wait_for(lambda: store.writer.stats()["failedWrites"] >= 1, what="a failed audit write")
-    assert "audit write failed (3 records waiting" in caplog.text
+    # The writer may have tried while fewer calls were queued: how many were waiting then depends on timing.
+    assert re.search(r"audit write failed \([123] records waiting", caplog.text)
     health = client.get("/health")
     assert health.status_code == 200
     body = health.get_json()

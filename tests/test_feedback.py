@@ -3,7 +3,6 @@ stored and flagged, the same item stored once, nothing answered 200 before it is
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from cds_service.store.models import feedback
 
 from .conftest import SELECT, SIGN
 from .jwt_support import EHR, PUBLIC_URL, SIGN_URL, bearer, claims, ec_key, issuers_file, jwks, token
-from .store_support import BACKENDS, flagged_call, table_rows, temp_database
+from .store_support import flagged_call, table_rows
 
 WHEN = "2026-11-02T10:15:00Z"
 TS = "feedback[0].outcomeTimestamp"
@@ -27,18 +26,9 @@ OUTCOME = "feedback[0].outcome"
 BOTH = "'accepted' or 'overridden'"
 
 
-@pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    with temp_database(str(request.param), tmp_path) as url:
-        yield url
-
-
 @pytest.fixture
-def app(db_url: str) -> Iterator[Flask]:
-    application = create_app({"AUTH": "off", "DATABASE_URL": db_url})
-    application.config["TESTING"] = True
-    yield application
-    application.extensions["cds_store"].close()
+def app(store_app: Flask) -> Flask:
+    return store_app
 
 
 @pytest.fixture

@@ -5,9 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +19,7 @@ from cds_service.store import Store
 from cds_service.store.report import build_report, percentile, render_text
 
 from .conftest import SIGN
-from .store_support import BACKENDS, flagged_call, plain_call, store_for, temp_database
+from .store_support import flagged_call, plain_call, store_for
 
 SELECT = "dsv-order-select"
 POLICY = "dynamic-spinal-visualization"
@@ -32,12 +30,6 @@ REASONS = "https://cds.example.org/fhir/CodeSystem/dsv-override-reason"
 NOW = datetime.now(UTC).replace(microsecond=0)
 DAY = NOW - timedelta(days=1)
 SINCE = NOW - timedelta(days=30)
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    with temp_database(str(request.param), tmp_path) as url:
-        yield url
 
 
 def order(flagged: bool, kinds: tuple[str, ...] = ()) -> dict[str, Any]:

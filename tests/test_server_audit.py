@@ -22,15 +22,9 @@ from cds_service.store.models import audit_call
 
 from .conftest import SIGN
 from .process_support import running_server as serve
-from .store_support import BACKENDS, flagged_call, table_rows, temp_database
+from .store_support import flagged_call, table_rows
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    with temp_database(str(request.param), tmp_path) as url:
-        yield url
 
 
 @contextmanager

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,20 +22,9 @@ from cds_service.store.maintenance import parse_age
 from cds_service.store.schema import VERSION_TABLE, head_revision
 
 from .jwt_support import EHR, PUBLIC_URL, SIGN_URL, bearer, claims, ec_key, issuers_file, jwks, token
-from .store_support import BACKENDS, flagged_call, rows, store_for, temp_database, unreachable_url
+from .store_support import flagged_call, rows, store_for, unreachable_url
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def db_url(backend: str, tmp_path: Path) -> Iterator[str]:
-    with temp_database(backend, tmp_path) as url:
-        yield url
 
 
 def test_upgrade_creates_the_schema_once(db_url: str) -> None:
