@@ -305,9 +305,13 @@ def _prefetch() -> dict[str, Any]:
     }
 
 
-def order_sign_body(orders: int, *, seed: int = 7, variant: int = 0, dsv: int = 1) -> dict[str, Any]:
+def order_sign_body(
+    orders: int, *, seed: int = 7, variant: int = 0, dsv: int = 1, fhir_server: str | None = None
+) -> dict[str, Any]:
     """An order-sign request with `orders` draft orders: `dsv` dynamic spinal orders, then ServiceRequests and
     MedicationRequests alternating (for 5 orders: 1 DSV, 2 ServiceRequests, 2 MedicationRequests).
+
+    With `fhir_server`, the Coverage is not prefetched: the service reads it from that server (CRD) when it flags.
 
     `variant` changes the hookInstance, the ids and which DSV wording is used, so a pool of bodies is not one
     request repeated.
@@ -343,7 +347,7 @@ def order_sign_body(orders: int, *, seed: int = 7, variant: int = 0, dsv: int = 
     return {
         "hook": "order-sign",
         "hookInstance": str(uuid.uuid5(_NS, f"{seed}/{orders}/{variant}")),
-        "fhirServer": "https://ehr.example.org/fhir/R4",
+        "fhirServer": fhir_server or "https://ehr.example.org/fhir/R4",
         "fhirAuthorization": {
             "access_token": "bench-not-a-real-token",
             "token_type": "Bearer",
@@ -361,7 +365,7 @@ def order_sign_body(orders: int, *, seed: int = 7, variant: int = 0, dsv: int = 
                 "entry": [{"fullUrl": f"urn:uuid:{uuid.uuid5(_NS, r['id'])}", "resource": r} for r in resources],
             },
         },
-        "prefetch": _prefetch(),
+        "prefetch": {k: v for k, v in _prefetch().items() if not (fhir_server and k == "coverage")},
     }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import http.server
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -255,6 +257,43 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class FhirStub:
+    """A FHIR server on loopback that answers every read after `delay` seconds: the client's server, when slow."""
+
+    def __init__(self, delay: float) -> None:
+        coverage = bodies.order_sign_body(5)["prefetch"]["coverage"]
+        answer = orjson.dumps(coverage)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                time.sleep(delay)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+        self.server = http.server.ThreadingHTTPServer((HOST, 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="fhir-stub", daemon=True)
+        self.thread.start()
+        self.delay = delay
+        self.reads = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.server.server_address[1]}/fhir"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Load
 
@@ -289,6 +328,7 @@ class LoadResult:
     other_load: float  # share of the machine's CPU used by processes that are not this benchmark
     cpu_share: float  # share of the machine's CPU used by the server under test
     server_cpu_s: float  # CPU seconds the server (master and workers) used during the run
+    busiest_worker: float  # the busiest worker's share of the workers' CPU (1/workers is an even spread)
 
     @property
     def cpu_ms_per_request(self) -> float:
@@ -335,6 +375,8 @@ def run_wrk(
     ]
     env = os.environ | {"BENCH_WRK_THREADS": str(threads)}
     server_before = server.cpu_ticks()
+    _, workers = server.pids()
+    workers_before = {pid: process_ticks(pid) for pid in workers}
     ours_before = server_before + sum(s.cpu_ticks() for s in idle or [])
     busy_before, total_before = cpu_busy()
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -376,6 +418,9 @@ def run_wrk(
     summary["other_load"] = max(0.0, busy_s - ours_s) / total_s if total_s else 0.0
     summary["cpu_share"] = (server_ticks - server_before) / hz / total_s if total_s else 0.0
     summary["server_cpu_s"] = (server_ticks - server_before) / hz
+    # How evenly the workers shared the work: keep-alive connections stay with the worker that accepted them.
+    used = [process_ticks(pid) - before for pid, before in workers_before.items()]
+    summary["busiest_worker"] = max(used) / sum(used) if sum(used) > 0 else 0.0
     return summary
 
 
@@ -396,6 +441,7 @@ def load_result(app: str, variant: Variant, rnd: int, summary: dict[str, Any]) -
         other_load=float(summary["other_load"]),
         cpu_share=float(summary["cpu_share"]),
         server_cpu_s=float(summary["server_cpu_s"]),
+        busiest_worker=float(summary["busiest_worker"]),
     )
 
 
@@ -439,6 +485,7 @@ class Bench:
     auth_note: str = ""
     started: float = field(default_factory=time.monotonic)
     est_rate: float = 3000.0
+    fhir: FhirStub | None = None
 
     # -- budget ---------------------------------------------------------------------------------------------
     def check_budget(self, what: str) -> None:
@@ -463,6 +510,8 @@ class Bench:
         }
         if self.auth == "jwt":
             env["CDS_TRUSTED_ISSUERS"] = str(self.issuers_file)
+        if self.fhir is not None:
+            env["CDS_ALLOW_HTTP_FHIR"] = "true"  # the stub is plain http on loopback
         env.update(dict(spec.env))
         return Server(spec.label, variant, command, env, self.workdir)
 
@@ -610,8 +659,21 @@ def prepare(args: argparse.Namespace, workdir: Path) -> Bench:
     signer = tokens.make_signer(args.jwt_alg)
     bench = Bench(args, workdir, wrk, signer, tokens.write_trusted_issuers(signer, workdir / "trusted-issuers.json"))
     pool_sizes = {5: 32, 50: 8, 500: 3}
+    if args.fhir_delay_ms:
+        bench.fhir = FhirStub(args.fhir_delay_ms / 1000)
+    # With --fhir-delay-ms, every `every`-th 5-order body leaves Coverage out of prefetch: the service reads it.
+    every = round(1 / args.fhir_share) if args.fhir_delay_ms and args.fhir_share > 0 else 0
     for size in SIZES:
-        pool = [orjson.dumps(bodies.order_sign_body(size, variant=v)) for v in range(pool_sizes[size])]
+        pool = [
+            orjson.dumps(
+                bodies.order_sign_body(
+                    size,
+                    variant=v,
+                    fhir_server=bench.fhir.url if bench.fhir and size == 5 and every and v % every == 0 else None,
+                )
+            )
+            for v in range(pool_sizes[size])
+        ]
         bench.body_pools[size] = pool
         path = workdir / f"bodies-{size}.txt"
         path.write_bytes(b"\n".join(pool) + b"\n")
@@ -754,13 +816,14 @@ def render(results: dict[str, Any]) -> str:
         f"Date: {m['date']}; load average at start {m['loadavg']}",
         f"Auth: {results['auth_note']}",
         f"Service: {results['service']}",
+        f"FHIR reads: {results['fhir']}",
         f"Load: wrk, {results['connections']} connections, {results['wrk_threads']} thread(s), "
         f"{results['duration']:.0f} s per run, {results['rounds']} alternating rounds; 5-order order-sign body "
         f"(~{results['body_bytes'][5] / 1024:.0f} KB, 1 DSV order flagged)",
         "",
         "| gunicorn | app | req/s (median) | min-max | p50 ms | p90 ms | p99 ms | ratio to baseline | "
-        "server CPU ms/req | other load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "server CPU ms/req | busiest worker | other load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     checks = []
     for entry in results["variants"]:
@@ -769,18 +832,19 @@ def render(results: dict[str, Any]) -> str:
             runs = [r for r in entry["load"] if r["app"] == app]
             good = [r for r in runs if r["valid"]]
             if not good:
-                out.append(f"| {entry['variant']} | {app} | no valid run | | | | | | | |")
+                out.append(f"| {entry['variant']} | {app} | no valid run | | | | | | | | |")
                 continue
             rps = _median([r["rps"] for r in good])
             p99 = _median([r["p99_ms"] for r in good])
             ratio = rps / base_rps if base_rps else float("nan")
+            balance = ", ".join(f"{r['busiest_worker']:.0%}" for r in good)
             bad = len(runs) - len(good)
             out.append(
                 f"| {entry['variant']} | {app}{f' ({bad} invalid runs)' if bad else ''} | {rps:,.0f} | "
                 f"{min(r['rps'] for r in good):,.0f}-{max(r['rps'] for r in good):,.0f} | "
                 f"{_median([r['p50_ms'] for r in good]):.1f} | {_median([r['p90_ms'] for r in good]):.1f} | "
                 f"{p99:.1f} | {ratio:.2f} | {_median([r['cpu_ms'] for r in good]):.2f} | "
-                f"{max(r['other_load'] for r in good):.0%} |"
+                f"{balance} | {max(r['other_load'] for r in good):.0%} |"
             )
             if app != "baseline":
                 name = f"{entry['variant']} {app}"
@@ -878,6 +942,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--jwt-alg", choices=tokens.ALGORITHMS, default="ES384")
     parser.add_argument(
+        "--fhir-delay-ms",
+        type=float,
+        default=0,
+        help="make a share of the 5-order calls read Coverage from a local FHIR server that answers this slowly "
+        "(sets CDS_ALLOW_HTTP_FHIR=true): shows whether a read blocks a worker's other calls",
+    )
+    parser.add_argument("--fhir-share", type=float, default=0.25, help="share of calls that read (default 0.25)")
+    parser.add_argument(
         "--service",
         action="append",
         type=ServiceSpec.parse,
@@ -932,8 +1004,18 @@ def main(argv: list[str] | None = None) -> int:
         choose_auth(bench)
         results["auth_note"] = bench.auth_note
         results["service"] = "; ".join(spec.describe() for spec in args.services)
-        for variant in args.variant_list:
-            run_variant(bench, variant, results)
+        results["fhir"] = (
+            f"{args.fhir_share:.0%} of the 5-order calls read Coverage from a loopback FHIR server answering after "
+            f"{args.fhir_delay_ms:.0f} ms (CDS_ALLOW_HTTP_FHIR=true)"
+            if bench.fhir
+            else "none (Coverage prefetched)"
+        )
+        try:
+            for variant in args.variant_list:
+                run_variant(bench, variant, results)
+        finally:
+            if bench.fhir is not None:
+                bench.fhir.close()
     text = render(results)
     print(text)
     out_dir = HERE / "results"
