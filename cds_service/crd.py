@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import uuid
 from dataclasses import dataclass, field
 from datetime import date
@@ -178,13 +177,13 @@ def coverage_action(verdict: Verdict, coverage_reference: str, today: date) -> C
         {"url": "date", "valueDate": today.isoformat()},
         {"url": "coverage-assertion-id", "valueString": assertion_id},
     ]
-    updated = copy.deepcopy(resource)
-    if not isinstance(updated.get("extension"), list):
+    existing = resource.get("extension", [])
+    if not isinstance(existing, list):
         # A malformed extension element cannot be extended without changing its meaning; leave the order alone.
-        if "extension" in updated:
-            return None
-        updated["extension"] = []
-    updated["extension"].append({"url": COVERAGE_INFO_URL, "extension": parts})
+        return None
+    # A shallow copy is enough: nothing inside the client's resource is changed, only a new extension list is
+    # attached (the request's own dict stays as the client sent it, for the card and the audit log).
+    updated = {**resource, "extension": [*existing, {"url": COVERAGE_INFO_URL, "extension": parts}]}
     return CoverageAction(
         {
             "type": "update",

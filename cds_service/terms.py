@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
@@ -12,6 +13,8 @@ _SEP = f"[{_SEPARATOR_CHARS}]*"
 # A trailing plural is tolerated ("views", "x-rays", "DMXs"): analysts write the singular.
 _TAIL = r"(?:e?s)?(?![A-Za-z0-9])"
 _HEAD = r"(?<![A-Za-z0-9])"
+_CACHE_SIZE = 8192
+_CACHE_TEXT_LIMIT = 512
 _SPLIT = re.compile(f"[{_SEPARATOR_CHARS}]+")
 _ALNUM = re.compile(r"[^a-z0-9]+")
 _ALNUM_CASE = re.compile(r"[^A-Za-z0-9]+")
@@ -121,6 +124,9 @@ class TermIndex:
             flags = 0 if case else re.IGNORECASE
             regexes.append((re.compile(f"{_HEAD}(?=({body}){_TAIL})", flags), case))
         self._regexes = regexes
+        # Order texts repeat: an EHR's catalog has a few thousand names, and the same displays arrive call after
+        # call. Remember recent answers (bounded, thread-safe); a hostile stream of unique texts only churns it.
+        self._cached = functools.lru_cache(maxsize=_CACHE_SIZE)(self._find)
 
     def refs(self) -> list[Hashable]:
         """Everything the phrases and patterns mean (to check a policy's cross-references)."""
@@ -143,6 +149,11 @@ class TermIndex:
         `nested` names the meanings that survive inside a longer phrase: the parts of a combination ("MRI" inside
         "upright MRI", "motion" inside "motion study") are still there when a longer phrase means something else.
         """
+        if len(text) > _CACHE_TEXT_LIMIT:
+            return list(self._find(text, nested))
+        return list(self._cached(text, nested))
+
+    def _find(self, text: str, nested: Callable[[Hashable], bool] | None) -> tuple[TermHit, ...]:
         hits: list[TermHit] = []
         for regex, case in self._regexes:
             table = self._exact if case else self._plain
@@ -159,7 +170,7 @@ class TermIndex:
             for match in pattern.finditer(text):
                 hits.append(TermHit(match.start(), match.end(), match.group(0), (ref,)))
         if len(hits) < 2:
-            return hits
+            return tuple(hits)
         # Keep the longest reading: "soft tissue neck" is not the spine word "neck", "cine phase contrast" is not
         # the technique word "cine".
         hits.sort(key=lambda h: (h.start, -(h.end - h.start)))
@@ -172,4 +183,4 @@ class TermIndex:
                     continue
                 hit = TermHit(hit.start, hit.end, hit.text, survivors)
             kept.append(hit)
-        return kept
+        return tuple(kept)
