@@ -6,7 +6,12 @@ import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from fhir.resources.codeableconcept import CodeableConcept as CodeableConceptR5
+from fhir.resources.codeablereference import CodeableReference as CodeableReferenceR5
+from fhir.resources.R4B.codeableconcept import CodeableConcept as CodeableConceptR4
+from fhir.resources.R4B.reference import Reference as ReferenceR4
 from fhir.resources.R4B.servicerequest import ServiceRequest as ServiceRequestR4
+from fhir.resources.reference import Reference as ReferenceR5
 from fhir.resources.servicerequest import ServiceRequest as ServiceRequestR5
 from pydantic import ValidationError
 
@@ -33,6 +38,18 @@ _INTENTS = {
     "option",
 }
 _PRIORITIES = {"routine", "urgent", "asap", "stat"}
+# fhir.resources models for the two shapes: R4 is read with R4B (same ServiceRequest), R5 with R5.
+_MODELS: dict[str, dict[str, Any]] = {
+    "R4": {"ServiceRequest": ServiceRequestR4, "CodeableConcept": CodeableConceptR4, "Reference": ReferenceR4},
+    "R5": {
+        "ServiceRequest": ServiceRequestR5,
+        "CodeableConcept": CodeableConceptR5,
+        "Reference": ReferenceR5,
+        "CodeableReference": CodeableReferenceR5,
+    },
+}
+_REASON_TYPE = {"R4": "CodeableConcept", "R5": "CodeableReference"}
+_VALIDATED_TEMPLATES: set[tuple[str, str, str, str]] = set()
 # Fixed namespace so the replacement order for a given draft keeps the same id across calls (idempotent for EHRs).
 _ALTERNATIVE_NS = uuid.UUID("6f1c1a52-8f0e-4c56-9a51-7d0f3e0b2c44")
 
@@ -180,18 +197,35 @@ def alternative_order(verdict: Verdict, alternative: Alternative, request: HookR
             f"investigational under medical policy {verdict.policy.reference}."
         }
     ]
-    model = ServiceRequestR5 if shape == "R5" else ServiceRequestR4
-    try:
-        model.model_validate(resource)
-    except ValidationError:
-        # The copied reasons or category came from the client and may be malformed: propose without them.
-        resource.pop(reasons_key, None)
+    models = _MODELS[shape]
+    if not all(
+        _valid(models["Reference"], resource[k]) for k in ("subject", "encounter", "requester") if k in resource
+    ):
+        log.warning("replacement order for %s not proposed: a copied reference is not valid", verdict.order.reference)
+        return None
+    # The copied reasons and category came from the client and may be malformed: propose without them then.
+    if not all(_valid(models["CodeableConcept"], c) for c in resource["category"]):
         resource["category"] = [_IMAGING]
+    if reasons and not all(_valid(models[_REASON_TYPE[shape]], r) for r in reasons):
+        del resource[reasons_key]
+    # Everything else is built from the policy file: the whole resource is validated once per shape, policy and
+    # region (a full ServiceRequest validation costs ~130 us, the parts above ~30 us).
+    template = (shape, verdict.policy.id, verdict.policy.version, alternative.region)
+    if template not in _VALIDATED_TEMPLATES:
         try:
-            model.model_validate(resource)
+            models["ServiceRequest"].model_validate(resource)
         except ValidationError as exc:
             log.warning(
                 "replacement order for %s failed validation: %s", verdict.order.reference, exc.errors()[0]["msg"]
             )
             return None
+        _VALIDATED_TEMPLATES.add(template)
     return resource
+
+
+def _valid(model: Any, value: Any) -> bool:
+    try:
+        model.model_validate(value)
+    except ValidationError:
+        return False
+    return True

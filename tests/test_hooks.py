@@ -348,3 +348,28 @@ def test_selections_may_be_absolute_urls(client: FlaskClient) -> None:
     )
     cards = post(client, SELECT, body).get_json()["cards"]
     assert [c["extension"]["davinci-crd.associated-resource"][0]["reference"] for c in cards] == ["ServiceRequest/b"]
+
+
+def test_malformed_copied_reasons_are_left_out_of_the_replacement(client: FlaskClient) -> None:
+    order = b.service_request(
+        "r",
+        text="DMX cervical spine",
+        reasonCode=[{"coding": [{"system": 5, "code": []}]}],
+        category=[{"coding": "imaging"}],
+    )
+    card = post(client, SIGN, b.hook_request("order-sign", [order])).get_json()["cards"][0]
+    resource = card["suggestions"][1]["actions"][1]["resource"]
+    assert "reasonCode" not in resource
+    assert resource["category"][0]["coding"][0]["code"] == "363679005"
+    from fhir.resources.R4B.servicerequest import ServiceRequest
+
+    ServiceRequest.model_validate(resource)
+
+
+def test_replacement_keeps_valid_copied_reasons_and_category(client: FlaskClient) -> None:
+    reason = {"coding": [{"system": b.ICD10, "code": "M54.2", "display": "Cervicalgia"}]}
+    category = {"coding": [{"system": b.SNOMED, "code": "363679005", "display": "Imaging"}], "text": "Radiology"}
+    order = b.service_request("r", text="DMX cervical spine", reasonCode=[reason], category=[category])
+    card = post(client, SIGN, b.hook_request("order-sign", [order])).get_json()["cards"][0]
+    resource = card["suggestions"][1]["actions"][1]["resource"]
+    assert resource["reasonCode"] == [reason] and resource["category"] == [category]
