@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 from .orders import OrderView, Place
-from .policy import Coding, Policy, Recognition, Ref, _norm_code
+from .policy import Coding, Diagnosis, LookAlike, Policy, Recognition, Ref, _norm_code
 
 # Where a place's words speak about the study itself rather than the patient.
 _PROCEDURE_PLACES: frozenset[Place] = frozenset({"code", "detail", "body_site"})
@@ -106,9 +107,13 @@ def _knows(rec: Recognition, alias: str, code: str) -> bool:
     return any(alias in look.codes and code in look.codes[alias] for look in rec.look_alikes.values())
 
 
+@functools.lru_cache(maxsize=4096)
 def _alias(rec: Recognition, system: str, code: str) -> str | None:
     """The policy's name for a coding's system. Without a system, the code decides when exactly one system of the
-    policy lists it (a half-filled order's bare "76496" is the CPT code, not a guess)."""
+    policy lists it (a half-filled order's bare "76496" is the CPT code, not a guess).
+
+    Cached: EHRs send the same few systems and codes over and over (bounded; keyed by the policy's identity).
+    """
     alias = rec.system_alias.get(system)
     if alias is not None:
         return alias
@@ -119,13 +124,27 @@ def _alias(rec: Recognition, system: str, code: str) -> str | None:
     return candidates[0] if len(candidates) == 1 else None
 
 
+@functools.lru_cache(maxsize=4096)
+def _look_alikes_of(rec: Recognition, alias: str, code: str) -> tuple[LookAlike, ...]:
+    return tuple(look for look in rec.look_alikes.values() if alias in look.codes and code in look.codes[alias])
+
+
+@functools.lru_cache(maxsize=4096)
+def _diagnosis_of(rec: Recognition, alias: str, code: str) -> Diagnosis | None:
+    """The most specific diagnosis entry covering the code (M54.2 within M40-M54), if any."""
+    matches = [d for d in rec.diagnoses if d.alias == alias and code in d.codes]
+    return max(matches, key=lambda d: d.specificity) if matches else None
+
+
 def _read_codings(order: OrderView, policy: Policy, found: _Found) -> None:
     rec = policy.recognition
     for coding in order.codings:
-        alias = _alias(rec, coding.system, _norm_code(coding.code))
+        code = _norm_code(coding.code)
+        if not code:
+            continue
+        alias = _alias(rec, coding.system, code if not coding.system else "")
         if alias is None:
             continue
-        code = _norm_code(coding.code)
         name = _system_name(alias)
         if coding.place == "code":
             system = rec.canonical_system[alias]
@@ -135,18 +154,16 @@ def _read_codings(order: OrderView, policy: Policy, found: _Found) -> None:
             if display is not None:
                 found.billing.append(Evidence("billing_code", f"{name} {coding.code} {display}", "code"))
                 found.billing_codings.append(Coding(system, coding.code, coding.display or display))
-            for look in rec.look_alikes.values():
-                codes = look.codes.get(alias)
-                if codes is not None and code in codes:
-                    found.look_alikes.append(
-                        Evidence(
-                            "look_alike",
-                            f"{look.name} ({name} {coding.code})",
-                            "code",
-                            name=look.name,
-                            effect=look.effect,
-                        )
+            for look in _look_alikes_of(rec, alias, code):
+                found.look_alikes.append(
+                    Evidence(
+                        "look_alike",
+                        f"{look.name} ({name} {coding.code})",
+                        "code",
+                        name=look.name,
+                        effect=look.effect,
                     )
+                )
         elif coding.place == "body_site" and "body_site" in rec.places["spine"]:
             site = rec.body_sites.get((alias, code))
             if site is not None:
@@ -157,9 +174,8 @@ def _read_codings(order: OrderView, policy: Policy, found: _Found) -> None:
                     )
                 )
         elif coding.place == "reason" and "reason" in rec.places["spine"]:
-            matches = [d for d in rec.diagnoses if d.alias == alias and code in d.codes]
-            if matches:
-                best = max(matches, key=lambda d: d.specificity)
+            best = _diagnosis_of(rec, alias, code)
+            if best is not None:
                 display = coding.display or best.display
                 found.spine.append(Evidence("spine", f"reason {display} ({name} {coding.code})", "reason", coded=True))
 

@@ -118,7 +118,7 @@ class Diagnosis:
     specificity: int
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: matching caches lookups per policy
 class Recognition:
     places: dict[str, frozenset[Place]]
     skip_statuses: frozenset[str]

@@ -94,6 +94,7 @@ class TermIndex:
         self._regexes: list[tuple[re.Pattern[str], bool]] = []
         # Every spelling goes into the trie: "videofluoroscopy" and "video fluoroscopy" share a key but not words.
         self._spellings: set[tuple[bool, tuple[str, ...]]] = set()
+        self._cached = functools.lru_cache(maxsize=_CACHE_SIZE)(self._find)
 
     def add(self, term: str, ref: Hashable, *, case: bool = False) -> None:
         words = _words(term)
