@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -81,9 +82,9 @@ def _detail(verdict: Verdict) -> str:
     policy = verdict.policy
     text = policy.card
     order = verdict.order
-    name = " ".join(order.label().split())[:200]
-    heading = f"**Order:** {name}" + (f" (`{order.reference}`)" if order.reference else "")
-    why = "\n".join(f"- {line}" for line in explain_lines(verdict))
+    name = _md(" ".join(order.label().split())[:200])
+    heading = f"**Order:** {name}" + (f" ({_md(order.reference)})" if order.reference else "")
+    why = "\n".join(f"- {_md(line)}" for line in explain_lines(verdict))
     alternative = policy.alternatives.get(verdict.region or "")
     instead = text.instead
     if alternative:
@@ -99,6 +100,14 @@ def _detail(verdict: Verdict) -> str:
             'imaging, override with the reason "not a dynamic spinal study" so the policy can be corrected.*',
         ]
     )
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|!~])")
+
+
+def _md(text: str) -> str:
+    """Client text shown as text: no markdown of the client's (links, images, HTML) renders in the EHR's card."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(text.split()))
 
 
 def _suggestions(verdict: Verdict, request: HookRequest) -> list[dict[str, Any]]:

@@ -373,3 +373,11 @@ def test_replacement_keeps_valid_copied_reasons_and_category(client: FlaskClient
     card = post(client, SIGN, b.hook_request("order-sign", [order])).get_json()["cards"][0]
     resource = card["suggestions"][1]["actions"][1]["resource"]
     assert resource["reasonCode"] == [reason] and resource["category"] == [category]
+
+
+def test_client_text_cannot_inject_markdown_into_the_card(client: FlaskClient) -> None:
+    order = b.service_request("m", text="DMX cervical spine [click here](https://evil.example) <img src=x>")
+    detail = post(client, SIGN, b.hook_request("order-sign", [order])).get_json()["cards"][0]["detail"]
+    # Escaped, the client's markdown and HTML show as text rather than render as a link or an image.
+    assert not re.search(r"(?<!\\)\[click here", detail) and not re.search(r"(?<!\\)<img", detail)
+    assert r"\[click here\]" in detail and r"\<img" in detail
