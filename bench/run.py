@@ -1,6 +1,6 @@
 """Benchmark `cds-service serve` against a bare-Flask baseline on loopback and print one table (see bench/README.md).
 
-Run: `python bench/run.py` (about 4 minutes) or `python bench/run.py --quick` (about 1 minute).
+Run: `python bench/run.py` (about 3 minutes) or `python bench/run.py --quick` (about 30 seconds).
 """
 
 from __future__ import annotations
@@ -718,9 +718,7 @@ def run_variant(bench: Bench, variant: Variant, results: dict[str, Any]) -> None
             for problem in problems:
                 log(f"SANITY: {problem}")
             results["sanity"].extend(problems)
-            _, workers = server.pids()
-            entry.setdefault("workers", {})[name] = len(workers)
-            log(f"{name} {variant.name}: up in {entry['startup_s'][name][0]:.2f} s, {len(workers)} workers")
+            log(f"{name} {variant.name}: up in {entry['startup_s'][name][0]:.2f} s")
 
         # Memory: RSS per worker after N and 2N calls (these calls also warm the workers up).
         for name, server in servers.items():
@@ -730,6 +728,7 @@ def run_variant(bench: Bench, variant: Variant, results: dict[str, Any]) -> None
                 bench.load(server, duration=0, max_requests=args.mem_calls, idle=[])
                 readings[step * args.mem_calls] = bench.rss(server)
             entry["memory"][name] = readings
+            entry.setdefault("workers", {})[name] = len(server.pids()[1])  # all booted by now
             log(f"{name} {variant.name}: RSS kB per worker {readings}")
 
         # Alternating load rounds: baseline, service, then service, baseline, ...
