@@ -35,7 +35,7 @@ def _fail(message: str, code: int = 1) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
-    from .server import default_workers, serve
+    from .server import check_port_free, default_workers, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -48,6 +48,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             prepare()
         except RuntimeError as exc:
             return _fail(str(exc), 2)
+    try:
+        check_port_free(args.host, args.port)
+    except OSError as exc:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", 2)
     serve(
         app,
         host=args.host,

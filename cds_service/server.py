@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 from typing import Any
 
 from flask import Flask
@@ -16,6 +17,15 @@ gunicorn_wsgi.SERVER = "cds-service"
 
 def default_workers() -> int:
     return max(2, os.cpu_count() or 1)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """OSError when another process listens on host:port. The workers bind with SO_REUSEPORT, which would let a
+    second server share the port silently (and split the traffic); a plain bind here fails as it should."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections in TIME_WAIT do not count
+        probe.bind((host, port))
 
 
 class Server(BaseApplication):  # type: ignore[misc]
@@ -38,8 +48,19 @@ def serve(app: Flask, *, host: str, port: int, workers: int, threads: int, log_l
     options: dict[str, Any] = {
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "workers": workers,
+        # Threads, not sync workers: a call waiting on the client's FHIR server (CRD Coverage read, up to
+        # CDS_FHIR_TIMEOUT) must not stop the worker's other calls; sync workers fell to 31 req/s with a slow FHIR
+        # server. Four per worker (bench/README.md): 2 gives a shorter p99 on CPU-bound load (31 vs 57 ms at 8
+        # connections) but a quarter of calls waiting 200 ms on FHIR then cut throughput to 63 req/s (95 with 4).
         "worker_class": "gthread",
         "threads": threads,
+        # One listening socket per worker (SO_REUSEPORT) so the kernel spreads connections over the workers. With
+        # the shared socket, the worker that wins accept() keeps every keep-alive connection it took: measured,
+        # one worker busy and the other idle in most runs.
+        "reuse_port": True,
+        # gunicorn 27 opens a control socket at one path per user, shared by every gunicorn on the machine; the
+        # service does not use it.
+        "control_socket_disable": True,
         "preload_app": True,
         "graceful_timeout": 20,
         "timeout": 30,

@@ -61,3 +61,19 @@ def test_serve_refuses_to_start_on_a_broken_policy(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "broken.yaml" in result.stderr
+
+
+def test_a_second_server_on_the_same_port_refuses_to_start(tmp_path: Path) -> None:
+    with running_server(tmp_path) as (_, base, _log):
+        port = base.rsplit(":", 1)[1]
+        env = {**os.environ, "CDS_AUTH": "off", "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'other.sqlite3'}"}
+        result = subprocess.run(
+            [*cds_service_command(), "serve", "--port", port],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2
+        assert "cannot listen" in result.stderr
