@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core, min 2)")
-    serve.add_argument("--threads", type=int, default=4, help="threads per worker (default 4)")
+    serve.add_argument(
+        "--threads", type=int, default=2, help="threads per worker (default 2; more when FHIR reads are common)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("evaluate", help="print the response the service would give to a request file")

@@ -50,8 +50,10 @@ def serve(app: Flask, *, host: str, port: int, workers: int, threads: int, log_l
         "workers": workers,
         # Threads, not sync workers: a call waiting on the client's FHIR server (CRD Coverage read, up to
         # CDS_FHIR_TIMEOUT) must not stop the worker's other calls; sync workers fell to 31 req/s with a slow FHIR
-        # server. Four per worker (bench/README.md): 2 gives a shorter p99 on CPU-bound load (31 vs 57 ms at 8
-        # connections) but a quarter of calls waiting 200 ms on FHIR then cut throughput to 63 req/s (95 with 4).
+        # server. Two per worker by default (bench/README.md): CPU-bound calls share the GIL with one other call,
+        # not three (p99 31 vs 57 ms at 8 connections). Reads happen only for flagged orders without prefetched
+        # Coverage; where they are common, raise --threads (a quarter of calls waiting 200 ms: 63 req/s with 2,
+        # 95 with 4, 126 with 8).
         "worker_class": "gthread",
         "threads": threads,
         # One listening socket per worker (SO_REUSEPORT) so the kernel spreads connections over the workers. With
