@@ -40,12 +40,8 @@ SECRET_JWT = "eyJhbGciOiJFUzM4NCJ9.eyJpc3MiOiJzZWNyZXQifQ.SECRET-JWT-SIGNATURE"
 
 @pytest.fixture
 def app(store_app: Flask) -> Flask:
+    """The store tests' app runs on each backend (conftest's `client` then calls it)."""
     return store_app
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
 
 
 def store_of(app: Flask) -> Store:

@@ -28,12 +28,8 @@ BOTH = "'accepted' or 'overridden'"
 
 @pytest.fixture
 def app(store_app: Flask) -> Flask:
+    """The store tests' app runs on each backend (conftest's `client` then calls it)."""
     return store_app
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
 
 
 def accepted(card: str, *suggestions: str, at: str = WHEN) -> dict[str, Any]:
