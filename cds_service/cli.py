@@ -14,7 +14,7 @@ import orjson
 
 from . import config as config_module
 from .errors import ServiceError
-from .hooks import HookResult, evaluate, parse_hook_request
+from .hooks import HookResult, evaluate, parse_hook_request, parse_json
 from .matching import describe
 from .policy import PolicyError, Service, load_policies, packaged_policy_dir
 from .runtime import build_runtime
@@ -63,9 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_request(path: str) -> Any:
-    raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    return orjson.loads(raw)
+def _read_request(path: str) -> bytes:
+    return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
 
 
 def _service_for(body: Any, services: dict[str, Service], wanted: str | None) -> Service:
@@ -99,11 +98,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except (PolicyError, config_module.ConfigError) as exc:
         return _fail(str(exc), 2)
     try:
-        body = _read_request(args.file)
+        body = parse_json(_read_request(args.file))
     except OSError as exc:
         return _fail(f"cannot read {args.file}: {exc.strerror}", 2)
-    except orjson.JSONDecodeError as exc:
-        return _fail(f"{args.file} is not valid JSON: {exc}", 2)
+    except ServiceError as exc:
+        return _fail(f"{args.file}: {exc.message}", 2)
     try:
         service = _service_for(body, rt.policies.services, args.service)
         result = evaluate(parse_hook_request(body, service), service, coverage=rt.coverage)

@@ -16,8 +16,6 @@ COVERAGE_INFO_URL = "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/ext-
 CONFIG_OPTIONS_KEY = "davinci-crd.configuration-options"
 CONFIG_KEY = "davinci-crd.configuration"
 MAX_CARDS_DEFAULT = 10
-# Deep client data is echoed back whole; refuse to echo what the JSON encoder (and the EHR) would choke on.
-_MAX_ECHO_DEPTH = 64
 
 
 def configuration_options(service: Service) -> list[dict[str, Any]]:
@@ -108,20 +106,6 @@ class CoverageAction:
     assertion_id: str
 
 
-def _depth(value: Any, limit: int) -> bool:
-    """True when `value` nests deeper than `limit` (iterative: client data may be deep)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = item.values() if isinstance(item, dict) else item
-        for child in children:
-            if isinstance(child, dict | list):
-                stack.append((child, depth + 1))
-    return False
-
-
 def _get(value: Any, *keys: str) -> Any:
     """value[k1][k2]... through objects only; None where the client's shape differs."""
     for key in keys:
@@ -151,7 +135,7 @@ def coverage_action(verdict: Verdict, coverage_reference: str, today: date) -> C
     the reason in text. The resource is the client's own draft, unchanged but for the added extension.
     """
     resource = verdict.order.resource
-    if not verdict.order.id or _depth(resource, _MAX_ECHO_DEPTH):
+    if not verdict.order.id:
         return None
     billing = verdict.billing_code
     extensions = resource.get("extension")

@@ -70,7 +70,7 @@ def test_evaluate_refused_request_exits_1_with_an_operation_outcome(tmp_path: Pa
     assert '"OperationOutcome"' in result.stderr and "hookInstance" in result.stderr
 
 
-@pytest.mark.parametrize("content", [b"{not json", b""])
+@pytest.mark.parametrize("content", [b"{not json", b"", b'{"hook": ' + b"[" * 300 + b"]" * 300 + b"}"])
 def test_evaluate_unreadable_input_exits_2(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "x.json"
     path.write_bytes(content)

@@ -98,6 +98,17 @@ def test_each_flagged_order_gets_its_own_assertion_and_unflagged_ones_none(clien
     assert len(ids) == 2
 
 
+def test_deep_but_accepted_order_is_echoed_whole(client: FlaskClient) -> None:
+    # Accepted bodies nest at most 254 levels, so whatever is read can be sent back: no second, shallower limit.
+    deep: Any = {}
+    for _ in range(200):
+        deep = {"x": deep}
+    order = dsv(note=[{"text": "x", "extension": [{"url": "http://example.org/deep", "valueString": "y"}]}])
+    order["modifierExtension"] = [{"url": "http://example.org/deep", "x": deep}]
+    [action] = sign(client, [order], prefetch={"coverage": coverage("cov-1")})["systemActions"]
+    assert action["resource"]["modifierExtension"] == order["modifierExtension"]
+
+
 def test_order_without_a_cpt_code_has_no_billing_code(client: FlaskClient) -> None:
     order = b.service_request("t", text="Digital motion x-ray cervical spine")
     [action] = sign(client, [order], prefetch={"coverage": coverage("cov-1")})["systemActions"]

@@ -55,9 +55,3 @@ def test_broken_policy_folder_stops_start_up_naming_the_file(tmp_path: Path) -> 
     (tmp_path / "broken.yaml").write_text("policy: [this is not a mapping\n")
     with pytest.raises(PolicyError, match=r"broken\.yaml"):
         create_app({"POLICY_DIR": str(tmp_path), "AUTH": "off"})
-
-
-def test_flask_run_finds_the_factory() -> None:
-    import cds_service
-
-    assert callable(cds_service.create_app)
