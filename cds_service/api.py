@@ -10,11 +10,11 @@ import orjson
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import crd
-from .audit import CallRecord, summarise_actions, summarise_cards
+from .audit import CallRecord
 from .auth import AuthError, Identity
-from .errors import ServiceError
-from .hooks import evaluate, parse_hook_request, parse_json
+from .calls import answer
+from .engine import InvalidRequest, crd, parse_hook_request, parse_json
+from .errors import BadRequest, ServiceError
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,10 @@ def read_json() -> Any:
     streamed_to_limit = request.content_length is None and limit is not None and len(data) >= limit
     if streamed_to_limit and request.environ["wsgi.input"].read(1):
         raise RequestEntityTooLarge()
-    return parse_json(data)
+    try:
+        return parse_json(data)
+    except InvalidRequest as exc:
+        raise BadRequest(exc.message, expression=exc.expression) from None
 
 
 def authenticate(rt: Runtime, path: str, record: CallRecord | None = None) -> Identity:
@@ -83,11 +86,15 @@ def call_service(service_id: str) -> Response:
     record = CallRecord(service_id=service_id, hook=service.hook)
     try:
         authenticate(rt, f"/cds-services/{service_id}", record)
-        hook_request = parse_hook_request(read_json(), service)
+        body = read_json()
+        try:
+            hook_request = parse_hook_request(body, service)
+        except InvalidRequest as exc:
+            raise BadRequest(exc.message, expression=exc.expression) from None
         record.hook_instance = hook_request.hook_instance
         record.user_id = hook_request.user_id
         record.patient_id = hook_request.patient_id
-        result = evaluate(hook_request, service, coverage=rt.coverage)
+        outcome = answer(hook_request, service, rt.coverage)
     except ServiceError as exc:
         _audit_failure(rt, record, started, exc.status, exc.message)
         raise
@@ -97,12 +104,12 @@ def call_service(service_id: str) -> Response:
     except Exception:
         _audit_failure(rt, record, started, 500, "internal error")
         raise
-    record.orders = [v.to_dict() for v in result.verdicts]
-    record.cards = summarise_cards(result.cards)
-    record.system_actions = summarise_actions(result.system_actions)
-    record.coverage_assertions = result.coverage_assertions
-    record.notes = result.notes
-    response = json_response(result.response)
+    record.orders = outcome.verdict_records()
+    record.cards = [card.summary() for card in outcome.cards]
+    record.system_actions = [action.summary() for action in outcome.system_actions]
+    record.coverage_assertions = outcome.coverage_assertions
+    record.notes = outcome.notes
+    response = json_response(outcome.response())
     record.duration_ms = (time.perf_counter() - started) * 1000
     rt.audit.record(record)
     return response

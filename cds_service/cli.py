@@ -13,10 +13,11 @@ from typing import Any, TextIO
 import orjson
 
 from . import config as config_module
-from .errors import ServiceError
-from .hooks import HookResult, evaluate, parse_hook_request, parse_json
-from .matching import describe
-from .policy import PolicyError, Service, load_policies, packaged_policy_dir
+from .calls import answer
+from .engine import InvalidRequest, Outcome, PolicyError, Service, describe, parse_hook_request, parse_json
+from .engine.examples import ExampleReport, run_examples
+from .engine.policy import PolicySet, check_policies, json_schema, packaged_policy_dir
+from .errors import BadRequest, ServiceError
 from .runtime import build_runtime
 
 # Subcommands added by other modules (storage: db, audit, report) register here.
@@ -79,8 +80,8 @@ def _service_for(body: Any, services: dict[str, Service], wanted: str | None) ->
     raise ServiceError(400, f"no service answers hook {hook!r}")
 
 
-def explain(result: HookResult, stream: TextIO) -> None:
-    """For every ServiceRequest judged: the verdict, why, and the evidence for and against."""
+def explain(result: Outcome, stream: TextIO) -> None:
+    """For every ServiceRequest judged: the verdict, the rule that decided it, and the evidence."""
     if not result.verdicts:
         _out("No ServiceRequest was judged (none in draftOrders, or none selected).", stream)
     for verdict in result.verdicts:
@@ -101,36 +102,77 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         body = parse_json(_read_request(args.file))
     except OSError as exc:
         return _fail(f"cannot read {args.file}: {exc.strerror}", 2)
-    except ServiceError as exc:
+    except InvalidRequest as exc:
         return _fail(f"{args.file}: {exc.message}", 2)
     try:
         service = _service_for(body, rt.policies.services, args.service)
-        result = evaluate(parse_hook_request(body, service), service, coverage=rt.coverage)
+        try:
+            hook_request = parse_hook_request(body, service)
+        except InvalidRequest as exc:
+            raise BadRequest(exc.message, expression=exc.expression) from None
+        result = answer(hook_request, service, rt.coverage)
     except ServiceError as exc:
         _out(orjson.dumps(exc.to_dict(), option=orjson.OPT_INDENT_2).decode(), sys.stderr)
         return _fail(f"the request would be refused with HTTP {exc.status}: {exc.message}")
     if args.explain:
         explain(result, sys.stdout)
     else:
-        _out(orjson.dumps(result.response, option=orjson.OPT_INDENT_2).decode())
+        _out(orjson.dumps(result.response(), option=orjson.OPT_INDENT_2).decode())
     return 0
 
 
+def _report_examples(policies: PolicySet, report: ExampleReport) -> None:
+    positives = sum(1 for j in report.judged if j.example.positive)
+    _out(
+        f"examples: {len(report.judged)} ({positives} to flag, {len(report.judged) - positives} not); "
+        f"precision {report.precision:.3f}, recall {report.recall:.3f}"
+    )
+    for judged in report.misjudged:
+        example = judged.example
+        wanted = "flagged" if example.positive else "not flagged"
+        rule = f" by rule {example.rule}" if example.rule else ""
+        _out(f"MISJUDGED {example.source.name} {example.id}: should be {wanted}{rule}: {example.why}")
+        for verdict in judged.verdicts:
+            _out("\n".join("    " + line for line in describe(verdict).splitlines()))
+
+
 def cmd_check_policy(args: argparse.Namespace) -> int:
+    """Validate every policy file and run the labelled examples; list every problem, exit 1 on any."""
     folder = Path(args.dir or os.environ.get("CDS_POLICY_DIR") or packaged_policy_dir())
-    try:
-        policies = load_policies(folder)
-    except PolicyError as exc:
-        return _fail(f"policy check failed: {exc}")
+    policies, problems = check_policies(folder)
+    for problem in problems:
+        _out(f"ERROR {problem}")
+    if policies is None:
+        _out(f"policy check failed: {len(problems)} problem(s) in {folder}", sys.stderr)
+        return 1
     for policy in policies.policies:
-        rec = policy.recognition
         _out(
-            f"ok  {policy.source}: {policy.id} {policy.version} ({policy.title}); "
-            f"{len(rec.billing_codes)} billing codes, {len(rec.techniques)} techniques, "
-            f"{len(rec.look_alikes)} look-alikes, alternatives for {', '.join(policy.alternatives) or 'none'}"
+            f"ok  {policy.source}: {policy.id} {policy.version} ({policy.title}); {len(policy.rules)} rules, "
+            f"alternatives for {', '.join(policy.alternatives) or 'none'}; sha256 {policy.sha256[:12]}"
         )
     for service in policies.services.values():
         _out(f"    service {service.id} on {service.hook}: {', '.join(p.id for p in service.policies)}")
+    examples = folder / "examples"
+    if not examples.is_dir():
+        _out(f"no labelled examples ({examples} does not exist)")
+        return 0
+    report = run_examples(policies, examples)
+    for problem in report.problems:
+        _out(f"ERROR {problem}")
+    _report_examples(policies, report)
+    failed = len(report.problems) + len(report.misjudged)
+    if failed:
+        _out(
+            f"policy check failed: {len(report.problems)} example problem(s), {len(report.misjudged)} misjudged",
+            sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def cmd_policy_schema(args: argparse.Namespace) -> int:
+    """The JSON Schema of the policy format (for editors: yaml-language-server, VS Code)."""
+    _out(orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2).decode())
     return 0
 
 
@@ -164,9 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--policy-dir", help="policy folder (default: CDS_POLICY_DIR or the packaged cards/)")
     ev.set_defaults(func=cmd_evaluate)
 
-    check = sub.add_parser("check-policy", help="validate the policy files and say what is wrong")
-    check.add_argument("dir", nargs="?", help="policy folder (default: the packaged cards/)")
+    check = sub.add_parser(
+        "check-policy", help="validate the policy files, run their labelled examples, and list every problem"
+    )
+    check.add_argument("dir", nargs="?", help="policy folder (default: CDS_POLICY_DIR or the packaged cards/)")
     check.set_defaults(func=cmd_check_policy)
+
+    schema = sub.add_parser("policy-schema", help="print the JSON Schema of the policy file format")
+    schema.set_defaults(func=cmd_policy_schema)
 
     from .store.commands import register as register_store_commands
 

@@ -12,13 +12,13 @@ from urllib.parse import quote, urljoin, urlsplit
 import orjson
 import requests
 
-from .crd import CoverageResult
+from .engine.crd import CoverageResult
+from .engine.orders import as_list
 from .errors import ServiceError
-from .orders import as_list
 
 if TYPE_CHECKING:
-    from .hooks import HookRequest
-    from .policy import PrefetchKey
+    from .engine.policy import PrefetchKey
+    from .engine.request import HookRequest
 
 log = logging.getLogger(__name__)
 

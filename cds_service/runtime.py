@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from .audit import AuditSink, NullAudit
 from .auth import Authenticator, JtiStore, MemoryJtiStore, build_authenticator
+from .engine.policy import PolicySet, load_policies
 from .fhir_client import CoverageFinder, FhirReader, FhirSettings
-from .policy import PolicySet, load_policies
 
 if TYPE_CHECKING:
     from .store import Store

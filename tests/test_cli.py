@@ -81,10 +81,13 @@ def test_evaluate_unreadable_input_exits_2(tmp_path: Path, content: bytes) -> No
 def test_check_policy_ok_and_broken(tmp_path: Path) -> None:
     ok = run("check-policy")
     assert ok.returncode == 0 and "ok" in ok.stdout and "dsv-order-sign" in ok.stdout
+    assert "examples: 375" in ok.stdout and "precision 1.000, recall 1.000" in ok.stdout
     (tmp_path / "bad.yaml").write_text("policy:\n  id: x\n")
     broken = run("check-policy", str(tmp_path))
     assert broken.returncode == 1
-    assert "bad.yaml" in broken.stderr and "is required" in broken.stderr
+    assert "bad.yaml: policy.title, line 1: 'title' is required" in broken.stdout
+    assert "bad.yaml: decision, line 1: 'decision' is required" in broken.stdout
+    assert "policy check failed" in broken.stderr
 
 
 def test_flask_run_entry_point_finds_the_app() -> None:

@@ -1,5 +1,5 @@
-"""The labelled corpus in fixtures/corpus/: precision and recall of 1.0, explanations that name the evidence, and
-the same verdicts through order-select and order-sign."""
+"""The packaged policy's labelled examples (cards/examples/): precision and recall of 1.0, explanations that name
+the evidence, and the same verdicts through order-select and order-sign."""
 
 from __future__ import annotations
 
@@ -13,16 +13,15 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from cds_service.matching import Verdict, describe, explain_lines, judge
-from cds_service.orders import read_order
-from cds_service.policy import Policy, load_policies
+from cds_service.engine import Policy, Verdict, describe, explain_lines, judge, load_policies, read_order
 
 from .builders import hook_request
 from .conftest import ROOT, SELECT, SIGN
 
-CORPUS = ROOT / "fixtures" / "corpus"
+CORPUS = ROOT / "cards" / "examples"
 GROUPS = sorted(p.stem for p in CORPUS.glob("*.json"))
 LABELS = ("dsv", "not-dsv")
+TECHNIQUES = ("technique", "ambiguous-technique")
 
 
 @cache
@@ -102,8 +101,8 @@ def test_each_flag_names_the_deciding_evidence(group: str) -> None:
         lines = explain_lines(verdict)
         joined = "\n".join(lines)
         assert lines, case["id"]
-        deciding = [e for e in verdict.evidence_for if e.kind == "technique"] or [
-            e for e in verdict.evidence_for if e.kind in ("billing_code", "spine")
+        deciding = [e for e in verdict.deciding if e.kind in TECHNIQUES] or [
+            e for e in verdict.deciding if e.kind in ("billing-code", "anatomy")
         ]
         assert deciding, (case["id"], describe(verdict))
         texts = _order_texts(resource)
@@ -115,12 +114,12 @@ def test_each_flag_names_the_deciding_evidence(group: str) -> None:
             for code in re.findall(r"\((?:CPT|SNOMED|ICD-10-CM|LOINC) ([^)]+)\)|^CPT (\d{5})", evidence.label):
                 written = next(c for c in code if c)
                 assert written in codes, (case["id"], written, "is not a code of the order")
-            if evidence.kind == "technique":
+            if evidence.kind in TECHNIQUES:
                 assert evidence.place in ("code", "detail", "body_site", "note", "instruction"), case["id"]
         # A billing code on its own is never the whole story: the spine evidence that made it count is named too.
-        if not any(e.kind == "technique" for e in verdict.evidence_for):
-            assert any(e.kind == "billing_code" for e in deciding), case["id"]
-            assert any(e.kind == "spine" for e in deciding), (case["id"], joined)
+        if not any(e.kind in TECHNIQUES for e in verdict.deciding):
+            assert any(e.kind == "billing-code" for e in deciding), case["id"]
+            assert any(e.kind == "anatomy" for e in deciding), (case["id"], joined)
 
 
 def _associated(card: dict[str, Any]) -> list[str]:

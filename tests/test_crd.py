@@ -15,7 +15,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from cds_service import create_app
-from cds_service.crd import COVERAGE_INFO_URL
+from cds_service.engine.crd import COVERAGE_INFO_URL
 
 from . import builders as b
 from .conftest import ROOT, SELECT, SIGN

@@ -8,7 +8,7 @@ import pytest
 
 from cds_service import create_app
 from cds_service.config import ConfigError
-from cds_service.policy import PolicyError
+from cds_service.engine import PolicyError
 
 
 def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

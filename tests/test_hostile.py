@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from werkzeug.serving import make_server
 
 from cds_service import create_app
-from cds_service.hooks import MAX_JSON_DEPTH
+from cds_service.engine.request import MAX_JSON_DEPTH
 
 from .builders import CPT, hook_request, medication_request, service_request
 

@@ -32,8 +32,9 @@ DAY = NOW - timedelta(days=1)
 SINCE = NOW - timedelta(days=30)
 
 
-def order(flagged: bool, kinds: tuple[str, ...] = ()) -> dict[str, Any]:
-    return {
+def order(flagged: bool, kinds: tuple[str, ...] = (), rule: str | None = None) -> dict[str, Any]:
+    """A verdict record: version 2 (with the deciding rule) when `rule` is given, else as version 1 wrote it."""
+    record = {
         "order": "ServiceRequest/sr1",
         "policy": POLICY,
         "policyVersion": "2026.11.0",
@@ -43,6 +44,9 @@ def order(flagged: bool, kinds: tuple[str, ...] = ()) -> dict[str, Any]:
         "evidenceFor": [{"kind": k, "label": k, "place": "code"} for k in (*kinds, *kinds[:1])],
         "evidenceAgainst": [],
     }
+    if rule is not None:
+        record |= {"v": 2, "rule": rule, "deciding": [{"kind": k, "label": k, "place": "code"} for k in kinds]}
+    return record
 
 
 def card(n: int, region: str) -> dict[str, Any]:
@@ -67,13 +71,15 @@ def known_calls(store: Store) -> None:
     calls (0.5 ms, two orders each, none flagged), 5 refused calls; and 2 flagged calls 40 days old."""
     for ms in range(1, 101):
         flagged = ms <= 10
-        kinds = ("technique", "spine") if ms <= 6 else ("billing_code", "spine")
+        # Six records as the engine writes them now, four as version 1 wrote them (before rule ids).
+        kinds = ("ambiguous-technique", "anatomy") if ms <= 6 else ("billing_code", "spine")
+        rule = "technique-on-spine" if ms <= 6 else None
         store.writer.record(
             CallRecord(
                 service_id=SIGN,
                 hook="order-sign",
                 started_at=DAY,
-                orders=[order(flagged, kinds if flagged else ())],
+                orders=[order(flagged, kinds if flagged else (), rule if flagged else None)],
                 cards=[card(ms, "cervical" if ms in (9, 10) else "lumbar")] if flagged else [],
                 duration_ms=float(ms),
             )
@@ -165,7 +171,11 @@ EXPECTED_SINCE: dict[str, Any] = {
         "judged": 106,
         "flagged": 10,
         "byPolicy": [{"policy": POLICY, "version": "2026.11.0", "judged": 106, "flagged": 10}],
-        "flaggedByEvidenceKind": {"spine": 10, "technique": 6, "billing_code": 4},
+        "flaggedByEvidenceKind": {"anatomy named": 10, "technique with anatomy": 6, "billing code": 4},
+        "flaggedByRule": [
+            {"policy": POLICY, "version": "2026.11.0", "rule": "technique-on-spine", "flagged": 6},
+            {"policy": POLICY, "version": "2026.11.0", "rule": "(before rule ids)", "flagged": 4},
+        ],
     },
     "cards": {"shown": 10, "withOutcome": 9, "shownInPeriodWithOutcome": 9},
     "feedback": {

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from cds_service import terms
-from cds_service.terms import TermError, TermHit, TermIndex, term_key
+from cds_service.engine import terms
+from cds_service.engine.terms import TermError, TermHit, TermIndex, term_key
 
 
 def index(*entries: tuple[str, Hashable] | tuple[str, Hashable, bool], patterns: tuple[str, ...] = ()) -> TermIndex:

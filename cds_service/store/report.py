@@ -13,16 +13,18 @@ from typing import Any
 import orjson
 from sqlalchemy import func, select
 
+from ..engine.outcome import VerdictRecord
 from .db import Database
 from .models import audit_call, audit_card, feedback
 
-# Human names for matching.Evidence kinds.
+# Human names for the engine's evidence kinds (version 1 records used the older names).
 EVIDENCE_KINDS = {
-    "billing_code": "billing code",
+    "billing-code": "billing code",
     "technique": "technique named",
-    "spine": "spine named",
-    "other_region": "other region named",
-    "look_alike": "look-alike named",
+    "ambiguous-technique": "technique with anatomy",
+    "anatomy": "anatomy named",
+    "billing_code": "billing code",
+    "spine": "anatomy named",
 }
 REMOVED = "removed the order"
 SWITCHED = "switched to the suggested alternative order"
@@ -62,6 +64,7 @@ def build_report(db: Database, since: datetime | None = None, until: datetime | 
     calls_by_hook: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     judged_by_policy: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     evidence_kinds: Counter[str] = Counter()
+    by_rule: Counter[tuple[str, str, str]] = Counter()
     errors: dict[int, Counter[str]] = defaultdict(Counter)
     durations: list[float] = []
     shown: set[str] = set()
@@ -95,14 +98,19 @@ def build_report(db: Database, since: datetime | None = None, until: datetime | 
                 continue
             counter["answered"] += 1
             durations.append(float(duration_ms))
-            for order in orders or []:
+            for stored in orders or []:
+                record = VerdictRecord.from_json(stored)
+                if record is None:
+                    continue
                 judged += 1
-                key = (str(order.get("policy")), str(order.get("policyVersion")))
+                key = (record.policy, record.policy_version)
                 judged_by_policy[key]["judged"] += 1
-                if order.get("verdict") == "flagged":
+                if record.flagged:
                     flagged += 1
                     judged_by_policy[key]["flagged"] += 1
-                    for kind in sorted({str(e.get("kind")) for e in order.get("evidenceFor") or []}):
+                    by_rule[(record.policy, record.policy_version, record.rule)] += 1
+                    kinds = {e.kind for e in record.deciding or record.evidence_for}
+                    for kind in sorted(EVIDENCE_KINDS.get(k, k) for k in kinds):
                         evidence_kinds[kind] += 1
             for card in cards or []:
                 if card.get("uuid"):
@@ -212,6 +220,10 @@ def build_report(db: Database, since: datetime | None = None, until: datetime | 
                 for (policy, version), c in sorted(judged_by_policy.items())
             ],
             "flaggedByEvidenceKind": dict(sorted(evidence_kinds.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "flaggedByRule": [
+                {"policy": policy, "version": version, "rule": rule, "flagged": count}
+                for (policy, version, rule), count in sorted(by_rule.items(), key=lambda kv: (-kv[1], kv[0]))
+            ],
         },
         "cards": {
             "shown": len(shown),
@@ -310,9 +322,14 @@ def render_text(report: dict[str, Any]) -> str:
         add(f"  {p['policy']} {p['version']}: {p['flagged']} flagged of {p['judged']} judged")
     if not orders["byPolicy"]:
         add("  (no orders judged)")
-    add("Flagged orders by matched evidence (an order may show several kinds)")
+    add("Flagged orders by the rule that decided them")
+    for r in orders["flaggedByRule"]:
+        add(f"  {r['rule']:<32} {r['flagged']:>7}   ({r['policy']} {r['version']})")
+    if not orders["flaggedByRule"]:
+        add("  (none)")
+    add("Flagged orders by deciding evidence (an order may show several kinds)")
     for kind, count in orders["flaggedByEvidenceKind"].items():
-        add(f"  {EVIDENCE_KINDS.get(kind, kind):<24} {count:>7}")
+        add(f"  {kind:<24} {count:>7}")
     if not orders["flaggedByEvidenceKind"]:
         add("  (none)")
     add("")
@@ -389,6 +406,8 @@ def render_csv(report: dict[str, Any]) -> str:
     row(["orders", "flagged", "", orders["flagged"]])
     for p in orders["byPolicy"]:
         row(["orders", "flagged by policy", f"{p['policy']} {p['version']}", p["flagged"]])
+    for r in orders["flaggedByRule"]:
+        row(["orders", "flagged by rule", f"{r['policy']} {r['version']} {r['rule']}", r["flagged"]])
     for kind, count in orders["flaggedByEvidenceKind"].items():
         row(["orders", "flagged by evidence kind", kind, count])
     for name in ("shown", "withOutcome", "shownInPeriodWithOutcome"):

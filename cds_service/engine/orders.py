@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Place = Literal["code", "detail", "body_site", "reason", "note", "instruction"]
-PLACES: tuple[Place, ...] = ("code", "detail", "body_site", "reason", "note", "instruction")
+from .policy.schema import PLACES, Place
+
+__all__ = ["PLACES", "CodingRef", "OrderView", "Place", "as_list", "iter_bundle_resources", "read_order"]
 
 # Half-written orders can be anything; bound the work a hostile one can cause.
 _MAX_ITEMS = 200
@@ -32,6 +33,7 @@ class OrderView:
     resource: dict[str, Any]
     id: str | None
     status: str | None
+    intent: str | None
     shape: Literal["R4", "R5"]
     do_not_perform: bool
     codings: list[CodingRef] = field(default_factory=list)
@@ -45,7 +47,8 @@ class OrderView:
         """A short human name for the order: its code text, else its first coding display."""
         code = self.resource.get("code")
         if isinstance(code, dict):
-            concept = code.get("concept") if isinstance(code.get("concept"), dict) else code
+            inner = code.get("concept")
+            concept: dict[str, Any] = inner if isinstance(inner, dict) else code
             text = _str(concept.get("text"))
             if text:
                 return text
@@ -159,10 +162,12 @@ def read_order(resource: dict[str, Any]) -> OrderView:
     """Read one ServiceRequest (R4 or R5 shape) into the places the policy rules look at."""
     rid = resource.get("id")
     status = resource.get("status")
+    intent = resource.get("intent")
     view = OrderView(
         resource=resource,
         id=rid.strip() if isinstance(rid, str) and rid.strip() else None,
-        status=status if isinstance(status, str) else None,
+        status=status.strip() if isinstance(status, str) else None,
+        intent=intent.strip() if isinstance(intent, str) else None,
         shape=_shape(resource),
         do_not_perform=resource.get("doNotPerform") is True,
     )
@@ -181,6 +186,10 @@ def read_order(resource: dict[str, Any]) -> OrderView:
     for note in as_list(resource.get("note")):
         if isinstance(note, dict):
             read.text("note", note.get("text"))
+    for category in as_list(resource.get("category")):
+        read.concept("category", category)
+    for performer in as_list(resource.get("performerType")):
+        read.concept("performer", performer)
     instruction = resource.get("patientInstruction")
     if isinstance(instruction, str):
         read.text("instruction", instruction)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import date
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-if TYPE_CHECKING:
-    from .hooks import HookRequest
-    from .matching import Verdict
-    from .policy import PrefetchKey, Service
+from .decision import Verdict
+from .outcome import ActionOutcome
+from .policy.model import Service
 
 COVERAGE_INFO_URL = "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/ext-coverage-information"
 CONFIG_OPTIONS_KEY = "davinci-crd.configuration-options"
@@ -94,18 +93,6 @@ class CoverageResult:
     notes: list[str] = field(default_factory=list)
 
 
-class CoverageLookup(Protocol):
-    def resolve(self, request: HookRequest, keys: dict[str, PrefetchKey]) -> CoverageResult: ...
-
-    def require(self, request: HookRequest, keys: dict[str, PrefetchKey]) -> None: ...
-
-
-@dataclass
-class CoverageAction:
-    action: dict[str, Any]
-    assertion_id: str
-
-
 def _get(value: Any, *keys: str) -> Any:
     """value[k1][k2]... through objects only; None where the client's shape differs."""
     for key in keys:
@@ -115,19 +102,19 @@ def _get(value: Any, *keys: str) -> Any:
     return value
 
 
-def _same_assertion(existing: Any, coverage: str, billing_code: str | None) -> bool:
+def _same_assertion(existing: Any, coverage: str, covered: str, billing_code: str | None) -> bool:
     if not isinstance(existing, dict) or existing.get("url") != COVERAGE_INFO_URL:
         return False
     nested = existing.get("extension")
     parts = {e.get("url"): e for e in (nested if isinstance(nested, list) else []) if isinstance(e, dict)}
-    return (
+    return bool(
         _get(parts, "coverage", "valueReference", "reference") == coverage
-        and _get(parts, "covered", "valueCode") == "not-covered"
+        and _get(parts, "covered", "valueCode") == covered
         and _get(parts, "billingCode", "valueCoding", "code") == billing_code
     )
 
 
-def coverage_action(verdict: Verdict, coverage_reference: str, today: date) -> CoverageAction | None:
+def coverage_action(verdict: Verdict, coverage_reference: str, today: date) -> ActionOutcome | None:
     """The CRD coverage-information systemAction for a flagged order, or None when it already carries it.
 
     CRD (ext-coverage-information): coverage, covered, date and coverage-assertion-id are required; with
@@ -137,27 +124,22 @@ def coverage_action(verdict: Verdict, coverage_reference: str, today: date) -> C
     resource = verdict.order.resource
     if not verdict.order.id:
         return None
+    policy = verdict.policy
     billing = verdict.billing_code
     extensions = resource.get("extension")
     if isinstance(extensions, list) and any(
-        _same_assertion(e, coverage_reference, billing.code if billing else None) for e in extensions
+        _same_assertion(e, coverage_reference, policy.covered, billing.code if billing else None) for e in extensions
     ):
         return None
     assertion_id = uuid.uuid4().hex
     parts: list[dict[str, Any]] = [
         {"url": "coverage", "valueReference": {"reference": coverage_reference}},
-        {"url": "covered", "valueCode": "not-covered"},
+        {"url": "covered", "valueCode": policy.covered},
     ]
     if billing:
         parts.append({"url": "billingCode", "valueCoding": {"system": billing.system, "code": billing.code}})
-    policy = verdict.policy
     parts += [
-        {
-            "url": "reason",
-            "valueCodeableConcept": {
-                "text": f"Investigational: {policy.title} (medical policy {policy.reference}, version {policy.version})"
-            },
-        },
+        {"url": "reason", "valueCodeableConcept": {"text": policy.coverage_reason}},
         {"url": "date", "valueDate": today.isoformat()},
         {"url": "coverage-assertion-id", "valueString": assertion_id},
     ]
@@ -168,11 +150,9 @@ def coverage_action(verdict: Verdict, coverage_reference: str, today: date) -> C
     # A shallow copy is enough: nothing inside the client's resource is changed, only a new extension list is
     # attached (the request's own dict stays as the client sent it, for the card and the audit log).
     updated = {**resource, "extension": [*existing, {"url": COVERAGE_INFO_URL, "extension": parts}]}
-    return CoverageAction(
-        {
-            "type": "update",
-            "description": f"Record coverage information: {policy.title} is investigational and not covered",
-            "resource": updated,
-        },
+    return ActionOutcome(
+        "update",
+        verdict.order.reference,
         assertion_id,
+        {"type": "update", "description": policy.coverage_action, "resource": updated},
     )

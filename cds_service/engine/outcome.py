@@ -1,0 +1,201 @@
+"""What the engine answers, typed: cards, system actions, notes, and the verdict records the audit log keeps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .decision import Verdict
+from .evidence import Evidence
+
+SuggestionKind = Literal["remove", "replace"]
+CardKind = Literal["guideline", "instructions", "alternative"]
+# Version of the verdict record the audit log stores (1: before rule ids; 2: rule ids and deciding evidence).
+VERDICT_RECORD_VERSION = 2
+
+
+@dataclass(frozen=True)
+class SuggestionOutcome:
+    uuid: str
+    label: str
+    kind: SuggestionKind
+    actions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CardOutcome:
+    """One card: what it is about (for the audit log and the report) and its CDS Hooks JSON (for the client)."""
+
+    uuid: str
+    kind: CardKind
+    policy: str
+    rule: str
+    order: str | None
+    order_name: str
+    topic: str
+    indicator: str
+    suggestions: tuple[SuggestionOutcome, ...]
+    json: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        """What the audit log keeps of a card: ids and kinds, not its text."""
+        return {
+            "uuid": self.uuid,
+            "kind": self.kind,
+            "indicator": self.indicator,
+            "topic": self.topic,
+            "policy": self.policy,
+            "rule": self.rule,
+            "orders": [self.order] if self.order else [],
+            "orderName": self.order_name,
+            "suggestions": [
+                {"uuid": s.uuid, "label": s.label, "kind": s.kind, "actions": list(s.actions)} for s in self.suggestions
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class ActionOutcome:
+    """One systemAction: the CRD coverage-information update of one order."""
+
+    type: str
+    order: str | None
+    assertion_id: str | None
+    json: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        return {"type": self.type, "resource": self.order}
+
+
+@dataclass(frozen=True)
+class EvidenceRecord:
+    kind: str
+    label: str
+    place: str
+    group: str
+    assertion: str
+
+    @classmethod
+    def of(cls, item: Evidence) -> EvidenceRecord:
+        return cls(item.kind, item.label, item.place, item.group, item.assertion)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EvidenceRecord:
+        return cls(
+            str(data.get("kind") or ""),
+            str(data.get("label") or ""),
+            str(data.get("place") or ""),
+            str(data.get("group") or data.get("name") or ""),
+            str(data.get("assertion") or "affirmed"),
+        )
+
+    def to_json(self) -> dict[str, str]:
+        out = {"kind": self.kind, "label": self.label, "place": self.place}
+        if self.group:
+            out["group"] = self.group
+        if self.assertion != "affirmed":
+            out["assertion"] = self.assertion
+        return out
+
+
+@dataclass(frozen=True)
+class VerdictRecord:
+    """A verdict as the audit log stores it and the report reads it (versioned; older records still read)."""
+
+    order: str | None
+    order_name: str
+    policy: str
+    policy_version: str
+    flagged: bool
+    rule: str
+    reason: str
+    deciding: tuple[EvidenceRecord, ...] = ()
+    evidence_for: tuple[EvidenceRecord, ...] = ()
+    evidence_against: tuple[EvidenceRecord, ...] = ()
+    region: str | None = None
+    version: int = VERDICT_RECORD_VERSION
+
+    @classmethod
+    def of(cls, verdict: Verdict) -> VerdictRecord:
+        return cls(
+            order=verdict.order.reference,
+            order_name=" ".join(verdict.order.label().split())[:200],
+            policy=verdict.policy.id,
+            policy_version=verdict.policy.version,
+            flagged=verdict.flagged,
+            rule=verdict.rule,
+            reason=verdict.reason,
+            deciding=tuple(EvidenceRecord.of(e) for e in verdict.deciding),
+            evidence_for=tuple(EvidenceRecord.of(e) for e in verdict.evidence_for),
+            evidence_against=tuple(EvidenceRecord.of(e) for e in verdict.evidence_against),
+            region=verdict.region,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "v": self.version,
+            "order": self.order,
+            "orderName": self.order_name,
+            "policy": self.policy,
+            "policyVersion": self.policy_version,
+            "verdict": "flagged" if self.flagged else "not-flagged",
+            "rule": self.rule,
+            "reason": self.reason,
+            "deciding": [e.to_json() for e in self.deciding],
+            "evidenceFor": [e.to_json() for e in self.evidence_for],
+            "evidenceAgainst": [e.to_json() for e in self.evidence_against],
+        }
+        if self.region:
+            out["region"] = self.region
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> VerdictRecord | None:
+        """A stored record of any version; None for something that is not one."""
+        if not isinstance(data, dict):
+            return None
+
+        def items(key: str) -> tuple[EvidenceRecord, ...]:
+            raw = data.get(key)
+            return (
+                tuple(EvidenceRecord.from_json(e) for e in raw if isinstance(e, dict)) if isinstance(raw, list) else ()
+            )
+
+        raw_version = data.get("v")
+        version = raw_version if isinstance(raw_version, int) else 1
+        return cls(
+            order=data.get("order") if isinstance(data.get("order"), str) else None,
+            order_name=str(data.get("orderName") or ""),
+            policy=str(data.get("policy") or ""),
+            policy_version=str(data.get("policyVersion") or ""),
+            flagged=data.get("verdict") == "flagged",
+            # Version 1 records were written before the decision table named its rules.
+            rule=str(data.get("rule") or "(before rule ids)"),
+            reason=str(data.get("reason") or ""),
+            deciding=items("deciding"),
+            evidence_for=items("evidenceFor"),
+            evidence_against=items("evidenceAgainst"),
+            region=data.get("region") if isinstance(data.get("region"), str) else None,
+            version=version,
+        )
+
+
+@dataclass
+class Outcome:
+    """Everything one hook call decided."""
+
+    verdicts: list[Verdict]
+    cards: list[CardOutcome] = field(default_factory=list)
+    system_actions: list[ActionOutcome] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def response(self) -> dict[str, Any]:
+        """The CDS Hooks response body."""
+        return {"cards": [c.json for c in self.cards], "systemActions": [a.json for a in self.system_actions]}
+
+    @property
+    def coverage_assertions(self) -> list[str]:
+        return [a.assertion_id for a in self.system_actions if a.assertion_id]
+
+    def verdict_records(self) -> list[dict[str, Any]]:
+        return [VerdictRecord.of(v).to_json() for v in self.verdicts]

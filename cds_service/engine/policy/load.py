@@ -1,0 +1,774 @@
+"""Load policy files: validate strictly, report every problem with file, path and line, compile what judging needs."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import string
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+
+from ..terms import TermError, TermIndex, term_key
+from . import schema as s
+from .model import (
+    COVERED_BY_STATUS,
+    Alternative,
+    CardText,
+    CodedMeaning,
+    CodeEntry,
+    CodeSet,
+    Coding,
+    Cond,
+    ContextTrigger,
+    EvidenceTest,
+    FactTest,
+    Group,
+    Meaning,
+    Policy,
+    PolicyError,
+    PolicySet,
+    PrefetchKey,
+    Recognition,
+    Rule,
+    Service,
+    ServiceDef,
+    norm_code,
+)
+from .yamlread import Loc, Located, Problem, format_path, read_yaml
+
+# CDS Hooks 2.0: card summary "<140 characters"; the Inferno CRD kit fails 140 and more.
+SUMMARY_LIMIT = 139
+FACTS = ("payer", "title", "reference", "version")
+# Evidence that argues for the service and evidence that argues against it: one word cannot be both.
+PRO_KINDS = frozenset({"technique", "ambiguous-technique", "anatomy", "billing-code"})
+CON_KINDS = frozenset({"other-anatomy", "look-alike", "billing-explanation", "comparator", "other-service"})
+EXAMPLES_DIR = "examples"
+
+
+def packaged_policy_dir() -> Path:
+    """The policy folder shipped with the package, or the repository's cards/ when running from a checkout."""
+    package = Path(__file__).resolve().parents[2]
+    installed = package / "_cards"
+    return installed if installed.is_dir() else package.parent / "cards"
+
+
+# -- structural validation --------------------------------------------------------------------------------------
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The concrete types inside Optional / Union / Annotated."""
+    origin = get_origin(annotation)
+    if origin is typing.Annotated:
+        return _unwrap(get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [t for arg in get_args(annotation) for t in _unwrap(arg)]
+    return [annotation]
+
+
+def _known_keys(model: type[BaseModel], loc: Loc) -> list[str]:
+    """The keys a model accepts at `loc` (for "did you mean"); [] when the place holds free-form keys."""
+    current: list[Any] = [model]
+    for part in loc:
+        following: list[Any] = []
+        for kind in current:
+            for typ in _unwrap(kind):
+                origin = get_origin(typ)
+                if isinstance(typ, type) and issubclass(typ, BaseModel) and isinstance(part, str):
+                    for name, info in typ.model_fields.items():
+                        if part in (name, info.alias):
+                            following.append(info.annotation)
+                elif origin is list and isinstance(part, int):
+                    following.append(get_args(typ)[0])
+                elif origin is dict:
+                    following.append(get_args(typ)[1])
+        current = following
+    keys: list[str] = []
+    for kind in current:
+        for typ in _unwrap(kind):
+            if isinstance(typ, type) and issubclass(typ, BaseModel):
+                keys += [info.alias or name for name, info in typ.model_fields.items()]
+    return keys
+
+
+def _message(error: Mapping[str, Any], loc: Loc) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        known = _known_keys(s.PolicyFile, loc[:-1])
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}" if known else ""
+        return f"unknown key {key!r}{hint}"
+    if kind == "missing":
+        return f"{str(loc[-1])!r} is required"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if kind == "literal_error":
+        value = error.get("input")
+        expected = str(error.get("ctx", {}).get("expected", ""))
+        options = [o.strip().strip("'") for o in expected.replace(" or ", ", ").split(",")]
+        close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.6)
+        if close:
+            message += f" (did you mean {close[0]!r}?)"
+    return message
+
+
+def _structure_problems(source: Path, located: Located, model: type[BaseModel], data: Any, base: Loc) -> list[Problem]:
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc: Loc = tuple(p for p in error["loc"] if p != "[key]")
+            full = (*base, *loc)
+            message = _message(error, full)
+            if "[key]" in error["loc"]:
+                message = f"key {str(loc[-1])!r}: {message}" if loc else message
+            problems.append(Problem(source, full, located.line_of(full), message))
+        return problems
+    return []
+
+
+# -- compiling -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Compiler:
+    """Builds the runtime policy from a validated file, collecting every problem instead of stopping at one."""
+
+    source: Path
+    located: Located
+    problems: list[Problem] = field(default_factory=list)
+    # Every term's key -> what it means and where it was written (duplicates and contradictions).
+    seen_terms: dict[tuple[bool, str], list[tuple[str, str, Loc]]] = field(default_factory=dict)
+    seen_codes: dict[tuple[str, str], list[tuple[str, str, Loc]]] = field(default_factory=dict)
+
+    def problem(self, path: Loc, message: str) -> None:
+        found = Problem(self.source, path, self.located.line_of(path), message)
+        if all((p.path, p.message) != (path, message) for p in self.problems):
+            self.problems.append(found)
+
+    def fill(self, template: str, allowed: Mapping[str, str], path: Loc, keep: Iterable[str] = ()) -> str:
+        """Fill {placeholders} from policy facts at load time; names in `keep` stay for later (per order)."""
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as exc:
+            self.problem(path, f"bad placeholder: {exc}")
+            return template
+        keep = set(keep)
+        unknown = names - set(allowed) - keep
+        if unknown:
+            self.problem(path, f"unknown placeholder(s) {sorted(unknown)}; allowed: {sorted(set(allowed) | keep)}")
+            return template
+        return template.format_map({**allowed, **{k: "{" + k + "}" for k in keep}})
+
+    # -- terms ---------------------------------------------------------------------------------------------------
+    def add_terms(
+        self,
+        index: TermIndex,
+        terms: list[s.TermSpec],
+        path: Loc,
+        meaning: Meaning,
+        *,
+        kind_places: Mapping[str, frozenset[s.Place]],
+        needs_anatomy: bool | None = None,
+        track: bool = True,
+        fuzzy: dict[str, list[tuple[str, Meaning]]] | None = None,
+    ) -> None:
+        for i, spec in enumerate(terms):
+            where = (*path, i)
+            item = meaning
+            if spec.needs_anatomy is not None or needs_anatomy is not None:
+                if meaning.kind not in ("technique", "ambiguous-technique"):
+                    if spec.needs_anatomy is not None:
+                        self.problem((*where, "needs_anatomy"), "only a technique's terms can need anatomy")
+                else:
+                    needs = spec.needs_anatomy if spec.needs_anatomy is not None else bool(needs_anatomy)
+                    kind: s.EvidenceKind = "ambiguous-technique" if needs else "technique"
+                    item = Meaning(kind, meaning.group, kind_places.get(kind, meaning.places), combo=meaning.combo)
+            if spec.places is not None:
+                item = Meaning(item.kind, item.group, frozenset(spec.places), item.region, item.combo)
+            try:
+                if spec.pattern is not None:
+                    index.add_pattern(spec.pattern, item)
+                    continue
+                if spec.term is None:  # the schema guarantees a term or a pattern
+                    continue
+                index.add(spec.term, item, case=spec.case)
+            except TermError as exc:
+                self.problem(where, str(exc))
+                continue
+            if fuzzy is not None and spec.fuzzy:
+                fuzzy.setdefault(term_key(spec.term, case=False), []).append((spec.term, item))
+            if track:
+                key = (spec.case, term_key(spec.term, case=spec.case))
+                self.seen_terms.setdefault(key, []).append((item.kind, item.group, where))
+
+    def add_code(self, alias: str, code: str, what: tuple[str, str], path: Loc) -> None:
+        self.seen_codes.setdefault((alias, norm_code(code)), []).append((*what, path))
+
+    def check_duplicates(self) -> None:
+        for uses in self.seen_terms.values():
+            for i, (kind, group, path) in enumerate(uses):
+                for other_kind, other_group, other_path in uses[:i]:
+                    term = self.term_text(path)
+                    first = f"{format_path(other_path)} (line {self.located.line_of(other_path)})"
+                    if kind == other_kind and group == other_group:
+                        self.problem(path, f"duplicate term {term!r}: already listed at {first}")
+                    elif {kind, other_kind} & PRO_KINDS and {kind, other_kind} & CON_KINDS:
+                        self.problem(
+                            path,
+                            f"contradiction: {term!r} is {_describe(kind, group)} here and "
+                            f"{_describe(other_kind, other_group)} at {first}",
+                        )
+                    elif kind == other_kind:
+                        self.problem(
+                            path, f"duplicate term {term!r}: already {_describe(other_kind, other_group)} at {first}"
+                        )
+        for (alias, code), uses in self.seen_codes.items():
+            for i, (kind, group, path) in enumerate(uses):
+                for other_kind, other_group, other_path in uses[:i]:
+                    if kind == other_kind and group == other_group:
+                        self.problem(
+                            path, f"duplicate code {alias} {code}: already listed at {format_path(other_path)}"
+                        )
+                    elif {kind, other_kind} & PRO_KINDS and {kind, other_kind} & CON_KINDS:
+                        self.problem(
+                            path,
+                            f"contradiction: {alias} {code} is {_describe(kind, group)} here and "
+                            f"{_describe(other_kind, other_group)} at {format_path(other_path)}",
+                        )
+
+    def term_text(self, path: Loc) -> str:
+        node: Any = self.located.data
+        for part in path:
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                return "?"
+        if isinstance(node, dict):
+            return str(node.get("term") or node.get("pattern"))
+        return str(node)
+
+
+def _describe(kind: str, group: str) -> str:
+    return f"a {kind} ({group})" if group else f"a {kind}"
+
+
+def _places(spec: s.Recognition) -> dict[str, frozenset[s.Place]]:
+    return {kind: frozenset(places) for kind, places in spec.places.items()}
+
+
+def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
+    places = _places(spec)
+    systems = spec.code_systems
+    aliases = {uri: alias for alias, uris in systems.items() for uri in uris}
+    canonical = {alias: uris[0] for alias, uris in systems.items()}
+    index = TermIndex()
+    fuzzy: dict[str, list[tuple[str, Meaning]]] = {}
+    exact: dict[tuple[str, str], list[CodedMeaning]] = {}
+    code_sets: list[CodeEntry] = []
+
+    def kind_places(kind: s.EvidenceKind, own: list[s.Place] | None, path: Loc) -> frozenset[s.Place]:
+        if own is not None:
+            return frozenset(own)
+        if kind not in places:
+            c.problem((*base, "places"), f"no places for {kind!r} evidence: add `{kind}: [...]` under places")
+            return frozenset()
+        return places[kind]
+
+    def check_alias(alias: str, path: Loc) -> bool:
+        if alias not in systems:
+            close = difflib.get_close_matches(alias, list(systems), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; declared: {', '.join(systems)}"
+            c.problem(path, f"code system {alias!r} is not declared in recognition.code_systems{hint}")
+            return False
+        return True
+
+    def add_codes(alias: str, specs: list[str], meaning: CodedMeaning, path: Loc, *, prefixes: bool) -> None:
+        if not check_alias(alias, path):
+            return
+        try:
+            codes = CodeSet(specs, prefixes=prefixes)
+        except ValueError as exc:
+            c.problem(path, str(exc))
+            return
+        for code in codes.exact:
+            exact.setdefault((alias, code), []).append(meaning)
+            c.add_code(alias, code, (meaning.kind, meaning.group), path)
+        if codes.ranges or codes.prefixes:
+            code_sets.append(CodeEntry(alias, CodeSet([], prefixes=False), meaning))
+            code_sets[-1].codes.ranges.extend(codes.ranges)
+            code_sets[-1].codes.prefixes.extend(codes.prefixes)
+
+    # Billing codes.
+    billing_places = kind_places("billing-code", None, base)
+    for alias, codes in spec.billing_codes.items():
+        for code, display in codes.items():
+            meaning = CodedMeaning("billing-code", "billing code", display, billing_places)
+            add_codes(alias, [code], meaning, (*base, "billing_codes", alias, code), prefixes=False)
+
+    # Techniques.
+    names: set[str] = set()
+    for t, technique in enumerate(spec.techniques):
+        tpath = (*base, "techniques", t)
+        if technique.name in names:
+            c.problem((*tpath, "name"), f"technique {technique.name!r} is listed twice")
+        names.add(technique.name)
+        kind: s.EvidenceKind = "ambiguous-technique" if technique.needs_anatomy else "technique"
+        named = Meaning(kind, technique.name, kind_places(kind, technique.places, tpath))
+        c.add_terms(
+            index,
+            technique.terms,
+            (*tpath, "terms"),
+            named,
+            kind_places=places,
+            needs_anatomy=technique.needs_anatomy,
+            fuzzy=fuzzy,
+        )
+        for k, combination in enumerate(technique.combinations):
+            combo_id = f"{technique.name}#{k}"
+            for g, words in enumerate(combination):
+                part = Meaning(kind, technique.name, named.places, combo=(combo_id, g, len(combination)))
+                c.add_terms(
+                    index,
+                    words,
+                    (*tpath, "combinations", k, g),
+                    part,
+                    kind_places=places,
+                    needs_anatomy=technique.needs_anatomy,
+                    track=False,
+                    fuzzy=fuzzy,
+                )
+
+    # The policy's anatomy, by region.
+    anatomy = spec.anatomy
+    apath = (*base, "anatomy")
+    anatomy_places = kind_places("anatomy", None, apath)
+    for region, rspec in anatomy.regions.items():
+        rpath = (*apath, "regions", region)
+        for alias, codes in rspec.codes.items():
+            for code, display in codes.items():
+                meaning = CodedMeaning("anatomy", region, display, anatomy_places, region=region)
+                add_codes(alias, [code], meaning, (*rpath, "codes", alias, code), prefixes=False)
+        c.add_terms(
+            index,
+            rspec.terms,
+            (*rpath, "terms"),
+            Meaning("anatomy", region, anatomy_places, region=region),
+            kind_places=places,
+            fuzzy=fuzzy,
+        )
+    for alias, entries in anatomy.diagnoses.items():
+        for d, dx in enumerate(entries):
+            dpath = (*apath, "diagnoses", alias, d)
+            if dx.region is not None and dx.region not in anatomy.regions:
+                c.problem((*dpath, "region"), f"region {dx.region!r} is not one of anatomy.regions")
+            specs = [part.strip() for part in dx.codes.split(",") if part.strip()]
+            # The most specific entry names a code covered by several (M54.2 within M40-M54).
+            specificity = 0 if any("-" in p and len(p.split("-")[0]) == len(p.split("-")[1]) for p in specs) else 1
+            specificity *= len(norm_code(dx.codes))
+            meaning = CodedMeaning(
+                "anatomy", dx.region or anatomy.name, dx.display, anatomy_places, dx.region or "", specificity
+            )
+            # ICD-10-CM codes extend their category ("M54.5" covers M54.50, M54.51 ...): prefixes.
+            add_codes(alias, specs, meaning, (*dpath, "codes"), prefixes=alias.startswith("icd10"))
+
+    # Other body regions.
+    other_places = kind_places("other-anatomy", None, (*base, "other_anatomy"))
+    c.add_terms(
+        index,
+        spec.other_anatomy.terms,
+        (*base, "other_anatomy", "terms"),
+        Meaning("other-anatomy", "", other_places),
+        kind_places=places,
+    )
+
+    # Look-alikes.
+    look_names: set[str] = set()
+    for i, look in enumerate(spec.look_alikes):
+        lpath = (*base, "look_alikes", i)
+        if look.name in look_names:
+            c.problem((*lpath, "name"), f"look-alike {look.name!r} is listed twice")
+        look_names.add(look.name)
+        if not look.terms and not look.codes:
+            c.problem(lpath, "a look-alike needs codes or terms")
+        lplaces = kind_places(look.kind, look.places, lpath)
+        for alias, listed in look.codes.items():
+            look_code = CodedMeaning(look.kind, look.name, look.name, lplaces)
+            add_codes(alias, [str(x) for x in listed], look_code, (*lpath, "codes", alias), prefixes=False)
+        c.add_terms(index, look.terms, (*lpath, "terms"), Meaning(look.kind, look.name, lplaces), kind_places=places)
+
+    # ConText triggers, terminators and answers: their own index, never evidence.
+    context = TermIndex()
+    for i, trigger in enumerate(spec.context):
+        ref = ContextTrigger(trigger.name, trigger.assertion, trigger.direction, trigger.window)
+        for t, term in enumerate(trigger.terms):
+            _add_plain(c, context, term, ref, (*base, "context", i, "terms", t))
+    for t, term in enumerate(spec.terminators):
+        _add_plain(c, context, term, "terminate", (*base, "terminators", t))
+    questions: TermIndex | None = None
+    if spec.questions is not None:
+        questions = TermIndex()
+        for answer in ("yes", "no"):
+            for t, term in enumerate(getattr(spec.questions, answer)):
+                _add_plain(c, questions, term, answer, (*base, "questions", answer, t))
+        questions.compile()
+
+    c.check_duplicates()
+    try:
+        index.compile()
+        context.compile()
+    except TermError as exc:
+        c.problem(base, str(exc))
+    return Recognition(
+        system_alias=aliases,
+        canonical_system=canonical,
+        order_fields=frozenset(spec.order_fields),
+        exact_codes=exact,
+        code_sets=code_sets,
+        index=index,
+        anatomy=anatomy.name,
+        regions=tuple(anatomy.regions),
+        context=context,
+        questions=questions,
+        fuzzy_words=fuzzy,
+    )
+
+
+def _add_plain(c: _Compiler, index: TermIndex, spec: s.TermSpec, ref: Any, path: Loc) -> None:
+    try:
+        if spec.pattern is not None:
+            index.add_pattern(spec.pattern, ref)
+        elif spec.term is not None:
+            index.add(spec.term, ref, case=spec.case)
+    except TermError as exc:
+        c.problem(path, str(exc))
+
+
+# -- the decision table ----------------------------------------------------------------------------------------
+
+_FACT_NAMES = ("status", "intent")
+
+
+def _condition(
+    c: _Compiler,
+    spec: s.Condition,
+    path: Loc,
+    named: Mapping[str, s.Condition],
+    resolving: tuple[str, ...] = (),
+    rules: Mapping[str, tuple[int, s.Rule]] | None = None,
+) -> Cond:
+    if spec.evidence is not None:
+        return EvidenceTest(
+            spec.evidence,
+            frozenset(spec.in_) if spec.in_ is not None else None,
+            frozenset(spec.assertion or ("affirmed",)),
+        )
+    for fact in _FACT_NAMES:
+        values = getattr(spec, fact)
+        if values is not None:
+            return FactTest(fact, frozenset(values))
+    if spec.do_not_perform is not None:
+        return FactTest("do_not_perform", frozenset({str(spec.do_not_perform).lower()}))
+    if spec.condition is not None:
+        name = spec.condition
+        if name not in named:
+            close = difflib.get_close_matches(name, list(named), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            c.problem((*path, "condition"), f"no condition named {name!r} under `conditions:`{hint}")
+            return Group()
+        if name in resolving:
+            c.problem((*path, "condition"), f"condition {name!r} refers to itself ({' -> '.join((*resolving, name))})")
+            return Group()
+        return _condition(c, named[name], ("conditions", name), named, (*resolving, name), rules)
+    if spec.rule is not None:
+        rules = rules or {}
+        found = rules.get(spec.rule)
+        if found is None:
+            close = difflib.get_close_matches(spec.rule, list(rules), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            c.problem((*path, "rule"), f"no rule with id {spec.rule!r} in `decision:`{hint}")
+            return Group()
+        index, rule = found
+        key = f"rule {spec.rule}"
+        if key in resolving:
+            c.problem((*path, "rule"), f"rule {spec.rule!r} refers to itself ({' -> '.join((*resolving, key))})")
+            return Group()
+        if rule.when is None:
+            return Group()  # the default rule always holds
+        return _condition(c, rule.when, ("decision", index, "when"), named, (*resolving, key), rules)
+    return Group(
+        all=tuple(_condition(c, x, (*path, "all", i), named, resolving, rules) for i, x in enumerate(spec.all or [])),
+        any=tuple(_condition(c, x, (*path, "any", i), named, resolving, rules) for i, x in enumerate(spec.any or [])),
+        unless=tuple(
+            _condition(c, x, (*path, "unless", i), named, resolving, rules) for i, x in enumerate(spec.unless or [])
+        ),
+    )
+
+
+def _rules(c: _Compiler, spec: s.PolicyFile) -> tuple[Rule, ...]:
+    rules: list[Rule] = []
+    ids: dict[str, int] = {}
+    by_id = {rule.id: (i, rule) for i, rule in reversed(list(enumerate(spec.decision)))}
+    allowed = {name: "{" + name + "}" for name in (*_FACT_NAMES, *s.EVIDENCE_KINDS)}
+    for i, rule in enumerate(spec.decision):
+        path: Loc = ("decision", i)
+        if rule.id in ids:
+            c.problem((*path, "id"), f"rule id {rule.id!r} is already used by decision[{ids[rule.id]}]")
+        ids.setdefault(rule.id, i)
+        when = (
+            _condition(c, rule.when, (*path, "when"), spec.conditions, (f"rule {rule.id}",), by_id)
+            if rule.when is not None
+            else None
+        )
+        if when is None and i != len(spec.decision) - 1:
+            c.problem(path, f"rule {rule.id!r} has no `when:`, so it always holds and the rules after it never apply")
+        reason = c.fill(rule.reason, {}, (*path, "reason"), keep=allowed)
+        rules.append(Rule(rule.id, when, rule.verdict, reason))
+    if spec.decision and spec.decision[-1].when is not None:
+        c.problem(
+            ("decision", len(spec.decision) - 1),
+            "the last rule must have no `when:` (it decides every order no other rule decided)",
+        )
+    for name in spec.conditions:
+        _condition(c, spec.conditions[name], ("conditions", name), spec.conditions, (name,), by_id)
+    return tuple(rules)
+
+
+# -- a whole file --------------------------------------------------------------------------------------------------
+
+
+def _compile(c: _Compiler, spec: s.PolicyFile, digest: str) -> Policy:
+    meta = spec.policy
+    facts = {"payer": spec.payer.name, "title": meta.title, "reference": meta.reference, "version": meta.version}
+    services = []
+    for hook, sdef in (("order-select", spec.services.order_select), ("order-sign", spec.services.order_sign)):
+        if sdef is not None:
+            services.append(ServiceDef(hook, sdef.id, sdef.title))
+    if not services:
+        c.problem(("services",), "name at least one hook (order-select, order-sign)")
+
+    card = spec.card
+    summary = c.fill(card.summary, facts, ("card", "summary"))
+    if len(summary) > SUMMARY_LIMIT:
+        c.problem(("card", "summary"), f"{len(summary)} characters; a card summary must be under 140")
+    reasons = tuple(Coding(card.override_reasons.system, r.code, r.display) for r in card.override_reasons.reasons)
+    if len({r.code for r in reasons}) != len(reasons):
+        c.problem(("card", "override_reasons", "reasons"), "override reason codes must be unique")
+    instructions = card.instructions
+    recognition = _recognition(c, spec.recognition, ("recognition",))
+
+    alternatives: dict[str, Alternative] = {}
+    for region, alt in spec.alternatives.regions.items():
+        if region not in spec.recognition.anatomy.regions:
+            c.problem(
+                ("alternatives", "regions", region),
+                f"region {region!r} is not one of recognition.anatomy.regions ({', '.join(recognition.regions)})",
+            )
+        alternatives[region] = Alternative(
+            region=region,
+            label=alt.label,
+            code=Coding(alt.code.system, alt.code.code, alt.code.display),
+            body_site=Coding(alt.body_site.system, alt.body_site.code, alt.body_site.display),
+            suggestion_label=c.fill(
+                card.suggestions.replace.label,
+                {**facts, "alternative": alt.label},
+                ("card", "suggestions", "replace", "label"),
+            ),
+        )
+    if not alternatives:
+        # The label's {alternative} placeholder is still checked when no region has an alternative.
+        c.fill(card.suggestions.replace.label, {**facts, "alternative": ""}, ("card", "suggestions", "replace"))
+
+    text = CardText(
+        indicator=card.indicator,
+        topic=Coding(card.topic.system, card.topic.code, card.topic.display),
+        summary=summary,
+        position=c.fill(card.position, facts, ("card", "position")),
+        evidence=c.fill(card.evidence, facts, ("card", "evidence")),
+        instead=c.fill(card.instead, facts, ("card", "instead")),
+        footer=c.fill(card.footer, facts, ("card", "footer")),
+        links=tuple((link.label, link.url) for link in card.links),
+        remove_label=c.fill(card.suggestions.remove.label, facts, ("card", "suggestions", "remove", "label")),
+        remove_description=c.fill(
+            card.suggestions.remove.description, facts, ("card", "suggestions", "remove", "description")
+        ),
+        replace_description=c.fill(
+            card.suggestions.replace.description, facts, ("card", "suggestions", "replace", "description")
+        ),
+        override_reasons=reasons,
+        instructions_summary=c.fill(instructions.summary, facts, ("card", "instructions", "summary"))
+        if instructions
+        else None,
+        instructions_detail=c.fill(instructions.detail, facts, ("card", "instructions", "detail"))
+        if instructions
+        else None,
+    )
+    if text.instructions_summary and len(text.instructions_summary) > SUMMARY_LIMIT:
+        c.problem(("card", "instructions", "summary"), "a card summary must be under 140 characters")
+    return Policy(
+        id=meta.id,
+        title=meta.title,
+        version=meta.version,
+        status=meta.status,
+        covered=COVERED_BY_STATUS[meta.status],
+        reference=meta.reference,
+        url=meta.url,
+        payer=spec.payer.name,
+        services=services,
+        description=" ".join(spec.services.description.split()),
+        card=text,
+        coverage_reason=c.fill(spec.coverage.reason, facts, ("coverage", "reason")),
+        coverage_action=c.fill(spec.coverage.action, facts, ("coverage", "action")),
+        alternatives=alternatives,
+        region_from=tuple(frozenset(group) for group in spec.alternatives.region_from),
+        replacement_note=c.fill(spec.alternatives.note, facts, ("alternatives", "note"), keep=("order",)),
+        recognition=recognition,
+        rules=_rules(c, spec),
+        prefetch={name: PrefetchKey(p.query, p.required) for name, p in spec.prefetch.items()},
+        source=c.source,
+        sha256=digest,
+    )
+
+
+def _without(data: Any, errors: list[Any]) -> bool:
+    """Drop the mapping keys under the errors' locations (in place); False when nothing could be dropped."""
+    dropped = False
+    for error in errors:
+        loc = [p for p in error["loc"] if p != "[key]"]
+        if error["type"] == "missing":
+            loc = loc[:-1]  # the key is absent: drop the mapping that lacks it
+        # The deepest mapping key on the path: list items are never removed, so later paths keep their indexes.
+        while loc and not isinstance(loc[-1], str):
+            loc = loc[:-1]
+        if not loc:
+            continue
+        parent: Any = data
+        try:
+            for part in loc[:-1]:
+                parent = parent[part]
+        except (KeyError, IndexError, TypeError):
+            continue
+        if isinstance(parent, dict) and loc[-1] in parent:
+            del parent[loc[-1]]
+            dropped = True
+    return dropped
+
+
+def _repaired(data: Any) -> s.PolicyFile | None:
+    """The file with every part that breaks the format left out, so the other checks still run on the rest (an
+    analyst sees every problem of the file in one run, not one per run)."""
+    work = copy.deepcopy(data)
+    for _ in range(50):
+        try:
+            return s.PolicyFile.model_validate(work)
+        except ValidationError as exc:
+            if not _without(work, exc.errors()):
+                return None
+    return None
+
+
+def load_policy_file(source: Path) -> tuple[Policy | None, list[Problem]]:
+    """Read, validate and compile one policy file; every problem found is returned, none raised."""
+    try:
+        raw = source.read_bytes()
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [Problem(source, (), None, f"cannot read: {exc}")]
+    located = read_yaml(source, text)
+    problems = list(located.problems)
+    if located.data is None and not problems:
+        problems.append(Problem(source, (), None, "the file is empty"))
+    if located.data is None:
+        return None, problems
+    if not isinstance(located.data, dict):
+        return None, [*problems, Problem(source, (), 1, "the file must hold a mapping (policy:, card:, ...)")]
+    structure = _structure_problems(source, located, s.PolicyFile, located.data, ())
+    problems += structure
+    spec = _repaired(located.data) if structure else s.PolicyFile.model_validate(located.data)
+    if spec is None:
+        return None, problems
+    compiler = _Compiler(source, located)
+    policy = _compile(compiler, spec, hashlib.sha256(raw).hexdigest())
+    # A part left out for a format problem can cause follow-on problems (a rule naming a dropped condition): each
+    # place is reported once, with the format problem first.
+    reported = {p.path for p in structure}
+    problems += [p for p in compiler.problems if not any(p.path[: len(r)] == r for r in reported)]
+    return (policy if not problems else None), problems
+
+
+def policy_files(folder: Path) -> list[Path]:
+    return sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
+
+
+def check_policies(directory: Path | str | None = None) -> tuple[PolicySet | None, list[Problem]]:
+    """Every policy in the folder; (None, problems) when any file has a problem."""
+    folder = Path(directory) if directory else packaged_policy_dir()
+    if not folder.is_dir():
+        return None, [Problem(folder, (), None, "policy folder not found")]
+    files = policy_files(folder)
+    if not files:
+        return None, [Problem(folder, (), None, "no policy files (*.yaml) in the folder")]
+    policies: list[Policy] = []
+    problems: list[Problem] = []
+    for path in files:
+        policy, found = load_policy_file(path)
+        problems += found
+        if policy is not None:
+            policies.append(policy)
+    seen: dict[str, Path] = {}
+    for policy in policies:
+        if policy.id in seen:
+            problems.append(
+                Problem(
+                    policy.source,
+                    ("policy", "id"),
+                    None,
+                    f"policy id {policy.id!r} is already used by {seen[policy.id]}",
+                )
+            )
+        seen[policy.id] = policy.source
+    services: dict[str, Service] = {}
+    for policy in policies:
+        for sdef in policy.services:
+            existing = services.get(sdef.id)
+            if existing and existing.hook != sdef.hook:
+                problems.append(
+                    Problem(
+                        policy.source,
+                        ("services",),
+                        None,
+                        f"service id {sdef.id!r} is used for {existing.hook} elsewhere; each service answers one hook",
+                    )
+                )
+                continue
+            if existing:
+                services[sdef.id] = Service(
+                    sdef.id,
+                    sdef.hook,
+                    existing.title,
+                    f"{existing.description} {policy.description}",
+                    (*existing.policies, policy),
+                )
+            else:
+                services[sdef.id] = Service(sdef.id, sdef.hook, sdef.title, policy.description, (policy,))
+    examples = folder / EXAMPLES_DIR
+    for policy in policies:
+        policy.examples = examples if examples.is_dir() else None
+    if problems:
+        return None, problems
+    return PolicySet(policies, services, folder), []
+
+
+def load_policies(directory: Path | str | None = None) -> PolicySet:
+    """Every policy in the folder; PolicyError lists every problem of every file."""
+    policies, problems = check_policies(directory)
+    if policies is None:
+        raise PolicyError(problems)
+    return policies

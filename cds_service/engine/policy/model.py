@@ -1,0 +1,276 @@
+"""A loaded policy, compiled for judging orders: codes in sets, words in one index, the decision table as a tree."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..terms import TermIndex
+from .schema import Assertion, EvidenceKind, Place, Verdict
+
+COVERED_BY_STATUS = {
+    # Da Vinci CRD ext-coverage-information `covered` (covered | not-covered | conditional). CRD has no
+    # "investigational" code: an investigational service is not covered, the reason says why.
+    "investigational": "not-covered",
+    "not-covered": "not-covered",
+    "covered": "covered",
+    "conditional": "conditional",
+}
+
+
+class PolicyError(ValueError):
+    """One or more policy files are broken; the message lists every problem with its file, path and line."""
+
+    def __init__(self, problems: Iterable[object]) -> None:
+        self.problems = [str(p) for p in problems]
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class Coding:
+    system: str
+    code: str
+    display: str
+
+    def to_fhir(self) -> dict[str, str]:
+        return {"system": self.system, "code": self.code, "display": self.display}
+
+
+def norm_code(code: object) -> str:
+    """Codes compared as clients vary them: case, spaces, and ICD-10-CM with or without its dot."""
+    return str(code).strip().upper().replace(".", "")
+
+
+class CodeSet:
+    """Codes written as exact codes, ranges ("77001-77003", "M40-M54") or ICD-10 prefixes ("S13.4")."""
+
+    def __init__(self, specs: Iterable[str], *, prefixes: bool) -> None:
+        self.exact: set[str] = set()
+        self.ranges: list[tuple[str, str]] = []
+        self.prefixes: list[str] = []
+        for raw in specs:
+            spec = norm_code(raw)
+            # "A-B" with both ends the same length is a range; LOINC codes ("24945-8") carry a check digit instead.
+            bounds = re.fullmatch(r"([A-Z0-9]+)-([A-Z0-9]+)", spec)
+            if bounds and len(bounds[1]) == len(bounds[2]):
+                if bounds[1] > bounds[2]:
+                    raise ValueError(f"range {raw!r} runs backwards")
+                self.ranges.append((bounds[1], bounds[2]))
+            elif prefixes:
+                self.prefixes.append(spec)
+            else:
+                self.exact.add(spec)
+
+    def __contains__(self, code: object) -> bool:
+        key = norm_code(code)
+        if not key:
+            return False
+        if key in self.exact:
+            return True
+        for low, high in self.ranges:
+            if key[0].isdigit() == low[0].isdigit():
+                # ICD-10 ranges cover whole three-character categories; CPT ranges compare equal-length numbers.
+                part = key[: len(low)] if not low[0].isdigit() else key
+                if len(part) == len(low) and low <= part <= high:
+                    return True
+        return any(key.startswith(p) for p in self.prefixes)
+
+
+@dataclass(frozen=True)
+class Meaning:
+    """What a phrase means in a policy: the evidence it gives, in which group, and where it counts."""
+
+    kind: EvidenceKind
+    group: str
+    places: frozenset[Place]
+    region: str = ""
+    # A part of a combination: (combination id, part index, number of parts).
+    combo: tuple[str, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class CodedMeaning:
+    """What a code means in a policy (a billing code, a body site, a diagnosis, a look-alike's code)."""
+
+    kind: EvidenceKind
+    group: str
+    display: str
+    places: frozenset[Place]
+    region: str = ""
+    specificity: int = 0
+
+
+@dataclass(frozen=True)
+class CodeEntry:
+    alias: str
+    codes: CodeSet
+    meaning: CodedMeaning
+
+
+@dataclass(frozen=True)
+class ContextTrigger:
+    """A ConText trigger term: what it does to the mentions it reaches."""
+
+    name: str
+    assertion: Assertion
+    direction: str
+    window: int
+
+
+@dataclass(eq=False)  # hashed by identity: lookups are cached per policy
+class Recognition:
+    system_alias: dict[str, str]
+    # The first URI listed for each alias: what the service writes when it names a code (CRD billingCode).
+    canonical_system: dict[str, str]
+    order_fields: frozenset[Place]
+    # Exact codes by (alias, code), and code sets (ranges, prefixes) checked in order.
+    exact_codes: dict[tuple[str, str], list[CodedMeaning]]
+    code_sets: list[CodeEntry]
+    index: TermIndex
+    anatomy: str
+    regions: tuple[str, ...]
+    # ConText: triggers and terminators in their own index, so they never count as evidence.
+    context: TermIndex
+    questions: TermIndex | None = None
+    fuzzy_words: dict[str, list[tuple[str, Meaning]]] = field(default_factory=dict)
+
+
+# -- the decision table --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvidenceTest:
+    kind: EvidenceKind
+    places: frozenset[Place] | None
+    assertions: frozenset[str]
+
+
+@dataclass(frozen=True)
+class FactTest:
+    fact: str  # status | intent | do_not_perform
+    values: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Group:
+    all: tuple[Cond, ...] = ()
+    any: tuple[Cond, ...] = ()
+    unless: tuple[Cond, ...] = ()
+
+
+Cond = EvidenceTest | FactTest | Group
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    when: Cond | None
+    verdict: Verdict
+    reason: str
+
+    @property
+    def flags(self) -> bool:
+        return self.verdict == "flagged"
+
+
+# -- what a clinician and a claim see ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Alternative:
+    region: str
+    label: str
+    code: Coding
+    body_site: Coding
+    suggestion_label: str
+
+
+@dataclass(frozen=True)
+class PrefetchKey:
+    """A prefetch template the policy wants; `required` makes a call without it a 412 (CDS Hooks 2.0)."""
+
+    query: str
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class ServiceDef:
+    hook: str
+    id: str
+    title: str
+
+
+@dataclass(frozen=True)
+class CardText:
+    indicator: str
+    topic: Coding
+    summary: str
+    position: str
+    evidence: str
+    instead: str
+    footer: str
+    links: tuple[tuple[str, str], ...]
+    remove_label: str
+    remove_description: str
+    replace_description: str
+    override_reasons: tuple[Coding, ...]
+    instructions_summary: str | None
+    instructions_detail: str | None
+
+
+@dataclass(eq=False)
+class Policy:
+    id: str
+    title: str
+    version: str
+    status: str
+    covered: str
+    reference: str
+    url: str
+    payer: str
+    services: list[ServiceDef]
+    description: str
+    card: CardText
+    coverage_reason: str
+    coverage_action: str
+    alternatives: dict[str, Alternative]
+    region_from: tuple[frozenset[Place], ...]
+    replacement_note: str
+    recognition: Recognition
+    rules: tuple[Rule, ...]
+    prefetch: dict[str, PrefetchKey]
+    source: Path
+    sha256: str
+    examples: Path | None = None
+
+    def rule(self, rule_id: str) -> Rule:
+        return next(r for r in self.rules if r.id == rule_id)
+
+
+@dataclass(frozen=True)
+class Service:
+    """A CDS service as discovery lists it: one hook, and the policies it applies."""
+
+    id: str
+    hook: str
+    title: str
+    description: str
+    policies: tuple[Policy, ...]
+
+    @property
+    def prefetch(self) -> dict[str, PrefetchKey]:
+        merged: dict[str, PrefetchKey] = {}
+        for policy in self.policies:
+            for name, key in policy.prefetch.items():
+                known = merged.get(name)
+                merged[name] = PrefetchKey(key.query, key.required or (known.required if known else False))
+        return merged
+
+
+@dataclass
+class PolicySet:
+    policies: list[Policy]
+    services: dict[str, Service]
+    folder: Path

@@ -1,0 +1,312 @@
+"""The policy file format as a strict model: every key known, every type checked, the JSON Schema derived from it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Where an order carries meaning (engine.orders reads each of these).
+Place = Literal["code", "detail", "body_site", "reason", "note", "instruction", "category", "performer"]
+PLACES: tuple[Place, ...] = ("code", "detail", "body_site", "reason", "note", "instruction", "category", "performer")
+
+# The fixed vocabulary of evidence a policy's words and codes produce, and its decision rules test.
+EvidenceKind = Literal[
+    "billing-code",  # one of the policy's billing codes
+    "technique",  # a name of the service that means it on its own (digital motion x-ray)
+    "ambiguous-technique",  # a name that means it only with evidence of the policy's anatomy (VMA, videofluoroscopy)
+    "anatomy",  # the policy's body region (a spine body site, spine words, a spine diagnosis)
+    "other-anatomy",  # another body region (a wrist, a knee, the heart)
+    "look-alike",  # the order is another procedure that shares words with this one (a swallow study)
+    "billing-explanation",  # what else the billing code bills here (a scoliosis series billed as 76499)
+    "comparator",  # the covered comparator or a neighbouring service; shown, never decisive on its own
+    "other-service",  # the order belongs to another service line (laboratory, eye clinic) by category or performer
+]
+EVIDENCE_KINDS: tuple[str, ...] = EvidenceKind.__args__  # type: ignore[attr-defined]
+
+# ConText categories (Harkema et al. 2009, "ConText: an algorithm for determining negation, experiencer, and
+# temporal status from clinical reports"), with "affirmed" for a mention the order asserts.
+Assertion = Literal["affirmed", "negated", "historical", "hypothetical", "other-experiencer"]
+ASSERTIONS: tuple[str, ...] = Assertion.__args__  # type: ignore[attr-defined]
+
+Verdict = Literal["flagged", "not-flagged"]
+Status = Literal["investigational", "not-covered", "covered", "conditional"]
+Hook = Literal["order-select", "order-sign"]
+
+
+class Strict(BaseModel):
+    """Every model refuses keys it does not know: a misspelled key must stop the load, never switch a rule off."""
+
+    # Unquoted codes (76120) are text to the analyst; numbers become strings where text is expected.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, coerce_numbers_to_str=True)
+
+
+Text = Annotated[str, Field(min_length=1)]
+
+
+class PolicyMeta(Strict):
+    id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$", description="Stable id, lower case and hyphens")]
+    title: Text
+    version: Annotated[str, Field(min_length=1, description='Quote it in YAML: "2026.12.0"')]
+    status: Annotated[Status, Field(description="Coverage status; the CRD `covered` value follows from it")]
+    reference: Annotated[str, Field(min_length=1, description='The payer\'s policy number, e.g. "6.01.46"')]
+    url: Annotated[str, Field(pattern=r"^https?://\S+$")]
+
+
+class Payer(Strict):
+    name: Annotated[str, Field(min_length=1, description="Shown to clinicians as the card's source")]
+
+
+class ServiceSpec(Strict):
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    title: Text
+
+
+class Services(Strict):
+    order_select: Annotated[ServiceSpec | None, Field(alias="order-select")] = None
+    order_sign: Annotated[ServiceSpec | None, Field(alias="order-sign")] = None
+    description: Text
+
+
+class PrefetchSpec(Strict):
+    query: Text
+    required: bool = False
+
+
+class CodingSpec(Strict):
+    system: Annotated[str, Field(pattern=r"^(https?://|urn:)\S+$")]
+    code: Text
+    display: Text
+
+
+class LinkSpec(Strict):
+    label: Text
+    url: Annotated[str, Field(pattern=r"^https?://\S+$")]
+
+
+class SuggestionText(Strict):
+    label: Text
+    description: Text
+
+
+class Suggestions(Strict):
+    remove: SuggestionText
+    replace: SuggestionText
+
+
+class OverrideReason(Strict):
+    code: Text
+    display: Text
+
+
+class OverrideReasons(Strict):
+    system: Annotated[str, Field(pattern=r"^https?://\S+$")]
+    reasons: Annotated[list[OverrideReason], Field(min_length=1)]
+
+
+class InstructionsCard(Strict):
+    """The CRD Instructions card: what happens if the order goes ahead anyway (no links, no suggestions)."""
+
+    summary: Text
+    detail: Text
+
+
+class CardSpec(Strict):
+    indicator: Literal["info", "warning", "critical"]
+    topic: CodingSpec
+    summary: Annotated[str, Field(min_length=1, description="Under 140 characters after placeholders are filled")]
+    position: Text
+    evidence: Text
+    instead: Text
+    footer: Annotated[str, Field(min_length=1, description="The card's last line (how to report a false alarm)")]
+    links: Annotated[list[LinkSpec], Field(min_length=1)]
+    suggestions: Suggestions
+    override_reasons: OverrideReasons
+    instructions: InstructionsCard | None = None
+
+
+class CoverageSpec(Strict):
+    """Da Vinci CRD coverage-information; `covered` follows from policy.status."""
+
+    reason: Annotated[str, Field(min_length=1, description="The coverage-information reason text")]
+    action: Annotated[str, Field(min_length=1, description="The systemAction's description")]
+
+
+class AlternativeSpec(Strict):
+    label: Text
+    code: CodingSpec
+    body_site: CodingSpec
+
+
+class Alternatives(Strict):
+    # Where the order's region is read to choose an alternative: the first group of places that names exactly one
+    # region decides (what the order asks for before why it is asked).
+    region_from: Annotated[list[list[Place]], Field(min_length=1)]
+    note: Annotated[str, Field(min_length=1, description="Note on the replacement order; {order} names the draft")]
+    regions: dict[str, AlternativeSpec] = Field(default_factory=dict)
+
+
+class TermSpec(Strict):
+    """A phrase or a regular expression, with where it counts and what it needs."""
+
+    term: str | None = None
+    pattern: str | None = None
+    case: Annotated[bool, Field(description="Match exactly this case (acronyms: DMX, VMA)")] = False
+    places: list[Place] | None = None
+    needs_anatomy: bool | None = None
+    fuzzy: Annotated[bool | None, Field(description="Allow a typo (edit distance 1) in a long word")] = None
+    lang: Annotated[str | None, Field(pattern=r"^[a-z]{2}$")] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_string(cls, value: Any) -> Any:
+        return {"term": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> TermSpec:
+        if (self.term is None) == (self.pattern is None):
+            raise ValueError("a term has either `term:` or `pattern:`")
+        if self.term is not None and not self.term.strip():
+            raise ValueError("a term must not be empty")
+        return self
+
+
+Terms = list[TermSpec]
+
+
+class TechniqueSpec(Strict):
+    name: Text
+    needs_anatomy: Annotated[
+        bool, Field(description="Default for its terms: true when the words also name studies of other organs")
+    ] = False
+    terms: Terms = Field(default_factory=list)
+    # Each combination: groups of words that together name the technique (one word from every group).
+    combinations: list[Annotated[list[Terms], Field(min_length=2)]] = Field(default_factory=list)
+    places: list[Place] | None = None
+
+
+class RegionSpec(Strict):
+    codes: dict[str, dict[str, str]] = Field(default_factory=dict)
+    terms: Terms = Field(default_factory=list)
+
+
+class DiagnosisSpec(Strict):
+    codes: Annotated[str, Field(min_length=1, description='Codes, ranges ("M40-M54") or prefixes, comma-separated')]
+    display: Text
+    region: str | None = None
+
+
+class AnatomySpec(Strict):
+    name: Annotated[str, Field(min_length=1, description="The body part the policy is about, e.g. spine")]
+    regions: Annotated[dict[str, RegionSpec], Field(min_length=1)]
+    diagnoses: dict[str, list[DiagnosisSpec]] = Field(default_factory=dict)
+
+
+class OtherAnatomySpec(Strict):
+    terms: Terms = Field(default_factory=list)
+
+
+class LookAlikeSpec(Strict):
+    name: Text
+    kind: Literal["look-alike", "billing-explanation", "comparator", "other-service"]
+    places: list[Place] | None = None
+    codes: dict[str, list[str]] = Field(default_factory=dict)
+    terms: Terms = Field(default_factory=list)
+
+
+class ContextSpec(Strict):
+    """A ConText trigger: words that change what the mentions near them assert."""
+
+    name: Text
+    assertion: Literal["negated", "historical", "hypothetical", "other-experiencer", "affirmed"]
+    direction: Literal["forward", "backward", "both"]
+    terms: Annotated[Terms, Field(min_length=1)]
+    # How many words the trigger reaches (ConText's window); a terminator or the end of the sentence stops it sooner.
+    window: Annotated[int, Field(ge=1, le=20)] = 6
+
+
+class QuestionsSpec(Strict):
+    """Order questions written "Question? Answer" or "Question: answer" (R4) or as R5 orderDetail parameters."""
+
+    yes: Annotated[Terms, Field(min_length=1)]
+    no: Annotated[Terms, Field(min_length=1)]
+
+
+class Recognition(Strict):
+    code_systems: Annotated[dict[str, Annotated[list[str], Field(min_length=1)]], Field(min_length=1)]
+    places: dict[EvidenceKind, list[Place]]
+    # The order's own fields, read together: a combination's words may be split over them.
+    order_fields: list[Place]
+    billing_codes: dict[str, dict[str, str]] = Field(default_factory=dict)
+    techniques: list[TechniqueSpec] = Field(default_factory=list)
+    anatomy: AnatomySpec
+    other_anatomy: OtherAnatomySpec = Field(default_factory=OtherAnatomySpec)
+    look_alikes: list[LookAlikeSpec] = Field(default_factory=list)
+    context: list[ContextSpec] = Field(default_factory=list)
+    terminators: Terms = Field(default_factory=list)
+    questions: QuestionsSpec | None = None
+
+
+class Condition(Strict):
+    """A test over an order: one evidence test or order fact (a leaf), or all / any / unless of other conditions."""
+
+    evidence: EvidenceKind | None = None
+    in_: Annotated[list[Place] | None, Field(alias="in")] = None
+    assertion: list[Assertion] | None = None
+    status: list[str] | None = None
+    intent: list[str] | None = None
+    do_not_perform: bool | None = None
+    condition: Annotated[str | None, Field(description="A named condition from `conditions:`")] = None
+    rule: Annotated[str | None, Field(description="The `when:` of the rule with this id holds")] = None
+    all: list[Condition] | None = None
+    any: list[Condition] | None = None
+    unless: list[Condition] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> Condition:
+        leaves = [
+            name
+            for name in ("evidence", "status", "intent", "do_not_perform", "condition", "rule")
+            if getattr(self, name) is not None
+        ]
+        groups = [name for name in ("all", "any", "unless") if getattr(self, name) is not None]
+        if len(leaves) > 1:
+            raise ValueError(f"one test per condition, not {' and '.join(leaves)}; combine tests with all:")
+        if leaves and groups:
+            raise ValueError(f"a condition is either a test ({leaves[0]}) or a group ({groups[0]}), not both")
+        if not leaves and not groups:
+            raise ValueError("an empty condition; write a test (evidence, status, ...) or all / any / unless")
+        if (self.in_ is not None or self.assertion is not None) and self.evidence is None:
+            raise ValueError("`in` and `assertion` refine an `evidence` test")
+        return self
+
+
+class Rule(Strict):
+    id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
+    when: Annotated[Condition | None, Field(description="Omit for the last rule, which always holds")] = None
+    verdict: Verdict
+    reason: Annotated[str, Field(min_length=1, description="Placeholders: {status}, {intent} and evidence kinds")]
+
+
+class PolicyFile(Strict):
+    """One policy file in cards/."""
+
+    schema_: Annotated[str | None, Field(alias="$schema")] = None
+    policy: PolicyMeta
+    payer: Payer
+    services: Services
+    prefetch: dict[str, PrefetchSpec] = Field(default_factory=dict)
+    card: CardSpec
+    coverage: CoverageSpec
+    alternatives: Alternatives
+    recognition: Recognition
+    conditions: dict[str, Condition] = Field(default_factory=dict)
+    decision: Annotated[list[Rule], Field(min_length=1)]
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the policy format, for editors (yaml-language-server) and reviewers."""
+    schema = PolicyFile.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "cds-service policy file"
+    return schema
