@@ -169,7 +169,7 @@ def test_broken_patterns_are_refused(pattern: str, problem: str) -> None:
         TermIndex().add_pattern(pattern, "r")
 
 
-@pytest.mark.parametrize("term", ["", "  ", "x*ray", "fluoro?", "c\u00e9phal"])
+@pytest.mark.parametrize("term", ["", "  ", "x*ray", "fluoro?", "c\u00e9ph\u00a7al"])
 def test_terms_are_letters_digits_and_separators(term: str) -> None:
     with pytest.raises(TermError):
         TermIndex().add(term, "r")
@@ -210,3 +210,17 @@ def test_finding_builds_no_regex(monkeypatch: pytest.MonkeyPatch) -> None:
     hits = built.find("Digital motion X-rays, LS L4 " * 3, nested=lambda ref: ref == "m")
     assert {h.text for h in hits} >= {"Digital motion X-ray", "LS", "L4", "motion"}
     assert all(isinstance(h, TermHit) for h in hits)
+
+
+def test_accented_terms_match_with_and_without_accents() -> None:
+    """Spanish orders are typed with and without accents; offsets and quotes still point at what was written."""
+    index = TermIndex()
+    index.add("videofluoroscop\u00eda din\u00e1mica", "technique")
+    index.compile()
+    for text in ("Videofluoroscop\u00eda din\u00e1mica de columna", "VIDEOFLUOROSCOPIA DINAMICA DE COLUMNA"):
+        [hit] = index.find(text)
+        assert hit.refs == ("technique",) and hit.start == 0
+        assert hit.text == text[: hit.end]
+    decomposed = "Videofluoroscopi\u0301a dina\u0301mica"  # combining accents (NFD) as some systems send
+    [hit] = index.find(decomposed)
+    assert hit.text == "Videofluoroscop\u00eda din\u00e1mica"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass, field
 
-from .evidence import Evidence, OrderEvidence, collect
+from .evidence import Evidence, OrderEvidence, collect, evidence_line
 from .orders import OrderView
 from .policy.model import Coding, Cond, EvidenceTest, FactTest, Group, Policy, Rule
 
@@ -44,6 +44,7 @@ def _holds(cond: Cond, facts: _Facts, witnesses: list[Evidence]) -> bool:
             if e.kind == cond.kind
             and (cond.places is None or e.place in cond.places)
             and e.assertion in cond.assertions
+            and (cond.groups is None or e.group in cond.groups)
         ]
         witnesses.extend(matches)
         return bool(matches)
@@ -79,6 +80,8 @@ def _fill(rule: Rule, facts: _Facts, deciding: list[Evidence]) -> str:
     if not names:
         return rule.reason
     values: dict[str, str] = {"status": facts.status or "unknown", "intent": facts.intent or "unknown"}
+    if "deciding" in names:
+        values["deciding"] = evidence_line(deciding[0]) if deciding else "no evidence"
     for name in names - values.keys():
         pick = next((e for e in deciding if e.kind == name), None) or next(
             (e for e in facts.evidence if e.kind == name), None

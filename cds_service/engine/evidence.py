@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 
-from .orders import OrderView
+from rapidfuzz.distance import OSA
+from rapidfuzz.process import extractOne
+
+from . import context as ctx
+from .orders import Answer, OrderView
 from .policy.model import CodedMeaning, Meaning, Policy, Recognition, norm_code
 from .policy.schema import Assertion, EvidenceKind, Place
+from .terms import TermHit, fold, term_key
 
 PLACE_WORDS: dict[str, str] = {
     "code": "order name",
@@ -38,6 +44,8 @@ class Evidence:
     assertion: Assertion = "affirmed"
     # Why the assertion is not "affirmed": the trigger and the words around it, as written.
     context: str = ""
+    # Kinds of evidence this needs beside it to count (an acronym written in another case than listed).
+    requires: frozenset[str] = frozenset()
 
     @property
     def pro(self) -> bool:
@@ -53,6 +61,24 @@ class OrderEvidence:
     mentions: list[Evidence] = field(default_factory=list)
     billing_codes: list[tuple[str, str, str]] = field(default_factory=list)  # (system, code, display)
     cpt_codes: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+_ASSERTION_WORDS = {
+    "negated": "negated",
+    "historical": "only as history",
+    "hypothetical": "only as a possibility",
+    "other-experiencer": "only as someone else's request",
+}
+
+
+def evidence_line(item: Evidence) -> str:
+    """One piece of evidence; a mention the order does not assert says how, with the words that say so:
+    "'DMX' only as history: 's/p DMX 03/2024 at chiropractic office' (order note)"."""
+    if item.assertion == "affirmed":
+        return item.label
+    how = _ASSERTION_WORDS.get(item.assertion, item.assertion)
+    words = f": {quote(item.context)}" if item.context else ""
+    return f"{quote(item.text)} {how}{words} ({PLACE_WORDS[item.place]})"
 
 
 def system_name(alias: str) -> str:
@@ -91,6 +117,12 @@ def _alias(rec: Recognition, system: str, code: str) -> str | None:
         return next((a for uri, a in rec.system_alias.items() if _system_key(uri) == key), None)
     candidates = [a for a in rec.canonical_system if _meanings(rec, a, code)]
     return candidates[0] if len(candidates) == 1 else None
+
+
+def _is_billing_code(rec: Recognition, system: str, code: str) -> bool:
+    key = norm_code(code)
+    alias = _alias(rec, system, key if not system else "")
+    return alias is not None and any(m.kind == "billing-code" for m in _meanings(rec, alias, key))
 
 
 def _read_codings(order: OrderView, policy: Policy, found: OrderEvidence) -> None:
@@ -159,44 +191,201 @@ def _label(meaning: Meaning, written: str, place: Place) -> str:
     return f"{quote(written)} in the {where}"
 
 
-def _read_texts(order: OrderView, policy: Policy, found: OrderEvidence) -> None:
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+@dataclass(frozen=True)
+class _Mention:
+    """A term found in one text, with the assertion the text gives it."""
+
+    hit: TermHit
+    meaning: Meaning
+    place: Place
+    assertion: Assertion
+    context: str
+    written: str  # what the order wrote, when a typo was read as the term
+
+
+def _answer_polarity(rec: Recognition, answer: Answer) -> str:
+    """yes / no / unanswered / text, from the policy's answer words ("No - static films only" is a no)."""
+    value = answer.value
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if not value.strip():
+        return "unanswered"
+    words = _TOKEN.findall(fold(value).lower())
+    for size in (3, 2, 1):
+        head = "".join(words[:size])
+        if len(words) >= size and head:
+            if head in rec.no_answers:
+                return "no"
+            if head in rec.yes_answers:
+                return "yes"
+    return "text"
+
+
+class _TextReader:
+    """Reads one text of an order: its terms, and (only when a term needs it) its assertion context."""
+
+    def __init__(self, rec: Recognition, place: Place, text: str, answer: Answer | None) -> None:
+        self.rec = rec
+        self.place = place
+        self.text = text
+        self.answer = answer
+        self._scopes: list[ctx.Scope] | None = None
+
+    def assertion(self, hit: TermHit, kind: str) -> tuple[Assertion, str]:
+        if kind not in self.rec.context_kinds:
+            return "affirmed", ""
+        if self.answer is not None and hit.start < self.answer.question_end:
+            polarity = _answer_polarity(self.rec, self.answer)
+            question = " ".join(self.text[: self.answer.question_end].split())
+            if polarity == "no":
+                shown = self.answer.value if isinstance(self.answer.value, str) else "false"
+                return "negated", f"{question}? answered {quote(shown)}"
+            if polarity == "unanswered":
+                return "hypothetical", f"asked, not answered: {question}?"
+        if self._scopes is None:
+            self._scopes = ctx.scopes(self.text, self.rec.context)
+        scope = ctx.assertion_at(self._scopes, hit.start, hit.end)
+        if scope is None or scope.assertion == "affirmed":
+            return "affirmed", ""
+        return scope.assertion, ctx.snippet(self.text, scope, hit.start, hit.end)  # type: ignore[return-value]
+
+    def mentions(self, hits: list[TermHit], written: dict[tuple[int, int], str]) -> list[_Mention]:
+        out = []
+        for hit in hits:
+            for ref in hit.refs:
+                if not isinstance(ref, Meaning) or self.place not in ref.places:
+                    continue
+                assertion, why = self.assertion(hit, ref.kind)
+                typo = next((w for (a, b), w in written.items() if a < hit.end and hit.start < b), "")
+                out.append(_Mention(hit, ref, self.place, assertion, why, typo))
+        return out
+
+
+def _corrected(rec: Recognition, text: str) -> tuple[str, dict[tuple[int, int], str]] | None:
+    """The text with each long unknown word replaced by the policy word it misspells (edit distance bounded), and
+    the spans of the replacements in the new text with what was written; None when nothing was corrected."""
+    if not rec.typo_words:
+        return None
+    folded = fold(text).lower()
+    pieces: list[str] = []
+    spans: dict[tuple[int, int], str] = {}
+    last = 0
+    size = 0
+    for token in _TOKEN.finditer(folded):
+        word = token.group(0)
+        if len(word) < rec.typo_min_length or not word.isalpha():
+            continue
+        base = word[:-2] if word.endswith("es") else word[:-1] if word.endswith("s") else word
+        if word in rec.known_words or base in rec.known_words:
+            continue
+        best = extractOne(word, rec.typo_words, scorer=OSA.distance, score_cutoff=rec.typo_max_edits)
+        if best is None:
+            continue
+        pieces.append(text[last : token.start()])
+        size += token.start() - last
+        spans[(size, size + len(best[0]))] = text[token.start() : token.end()]
+        pieces.append(best[0])
+        size += len(best[0])
+        last = token.end()
+    if not spans:
+        return None
+    pieces.append(text[last:])
+    return "".join(pieces), spans
+
+
+def _combine(parts: list[_Mention]) -> tuple[Assertion, str]:
+    """A combination is asserted only when every part is; else the first qualified part says why."""
+    for part in parts:
+        if part.assertion != "affirmed":
+            return part.assertion, part.context
+    return "affirmed", ""
+
+
+def _read_texts(order: OrderView, policy: Policy, found: OrderEvidence, *, typos: bool) -> None:
     rec = policy.recognition
     # A combination's words may be split over the order's own fields ("MRI C-spine" in the name, "kinematic
     # sequences in flexion/extension" in the detail): together they name the one procedure ordered. Elsewhere
     # (a note, an instruction) each text stands alone.
-    scopes: dict[object, dict[str, dict[int, tuple[str, Place]]]] = {}
+    scopes: dict[object, dict[str, dict[int, _Mention]]] = {}
     combo_meanings: dict[str, Meaning] = {}
     for number, (place, text) in enumerate(order.texts):
+        coding = order.displays.get(number)
+        if coding is not None and _is_billing_code(rec, coding.system, coding.code):
+            # The descriptor of one of the policy's own codes ("Unlisted fluoroscopic procedure") says what the
+            # code says; its words are not the order's ("fluoroscopic" beside "bending" is no motion study).
+            continue
+        reader = _TextReader(rec, place, text, order.answers.get(number))
+        mentions = reader.mentions(rec.index.find(text, nested=_is_combo_part), {})
+        if typos:
+            corrected = _corrected(rec, text)
+            if corrected is not None:
+                fixed_text, written = corrected
+                fixed = _TextReader(rec, place, fixed_text, None)
+                fixed_hits = [
+                    h
+                    for h in rec.index.find(fixed_text, nested=_is_combo_part)
+                    if any(a < h.end and h.start < b for a, b in written)
+                ]
+                mentions += fixed.mentions(fixed_hits, written)
         combos = scopes.setdefault("order" if place in rec.order_fields else number, {})
-        for hit in rec.index.find(text, nested=_is_combo_part):
-            for ref in hit.refs:
-                if not isinstance(ref, Meaning) or place not in ref.places:
-                    continue
-                if ref.combo is not None:
-                    combo_id, part, _size = ref.combo
-                    combos.setdefault(combo_id, {}).setdefault(part, (hit.text, place))
-                    combo_meanings[combo_id] = ref
-                    continue
-                found.items.append(
-                    Evidence(ref.kind, ref.group, _label(ref, hit.text, place), place, text=hit.text, region=ref.region)
-                )
+        for mention in mentions:
+            ref = mention.meaning
+            if ref.combo is not None:
+                combo_id, part, _size = ref.combo
+                combos.setdefault(combo_id, {}).setdefault(part, mention)
+                combo_meanings[combo_id] = ref
+                continue
+            found.items.append(_evidence(ref, mention))
     for combos in scopes.values():
         for combo_id, parts in combos.items():
             meaning = combo_meanings[combo_id]
             if meaning.combo is None or len(parts) != meaning.combo[2]:
                 continue
-            words = " with ".join(quote(parts[g][0]) for g in sorted(parts))
-            places = [parts[g][1] for g in sorted(parts)]
+            ordered = [parts[g] for g in sorted(parts)]
+            words = " with ".join(quote(p.written or p.hit.text) for p in ordered)
+            assertion, why = _combine(ordered)
             found.items.append(
                 Evidence(
                     meaning.kind,
                     meaning.group,
-                    f"the order text names {words} (in the {_where(places)})",
-                    places[0],
-                    text=" ".join(parts[g][0] for g in sorted(parts)),
+                    f"the order text names {words} (in the {_where([p.place for p in ordered])})",
+                    ordered[0].place,
+                    text=" ".join(p.hit.text for p in ordered),
                     combo=True,
+                    assertion=assertion,
+                    context=why,
+                    requires=frozenset().union(*(_requires(p) for p in ordered)),
                 )
             )
+
+
+def _requires(mention: _Mention) -> frozenset[str]:
+    meaning = mention.meaning
+    if meaning.any_case_with and term_key(mention.hit.text, case=True) != meaning.exact_key:
+        return meaning.any_case_with
+    return frozenset()
+
+
+def _evidence(ref: Meaning, mention: _Mention) -> Evidence:
+    if mention.written:
+        # Quote what the order says; name the word it was read as without quotes.
+        label = _label(ref, mention.written, mention.place).replace(" (in the ", f" (read as {mention.hit.text}, in the ")
+    else:
+        label = _label(ref, mention.hit.text, mention.place)
+    return Evidence(
+        ref.kind,
+        ref.group,
+        label,
+        mention.place,
+        text=mention.hit.text,
+        region=ref.region,
+        assertion=mention.assertion,
+        context=mention.context,
+        requires=_requires(mention),
+    )
 
 
 def _dedupe(items: list[Evidence]) -> list[Evidence]:
@@ -215,8 +404,17 @@ def collect(order: OrderView, policy: Policy) -> OrderEvidence:
     """All evidence a policy finds in one order."""
     found = OrderEvidence()
     _read_codings(order, policy, found)
-    _read_texts(order, policy, found)
+    _read_texts(order, policy, found, typos=False)
+    if found.items and policy.recognition.typo_words:
+        # Typos are looked for only in orders that already say something in the policy's terms (a candidate): a
+        # misspelled technique beside a spine word; an order with none of the words never pays for the search.
+        found = OrderEvidence()
+        _read_codings(order, policy, found)
+        _read_texts(order, policy, found, typos=True)
     items = found.items
+    # An acronym written in another case than listed counts only beside the evidence it needs ("dmx neck").
+    present = {e.kind for e in items if e.assertion == "affirmed" and not e.requires}
+    items = [e for e in items if not e.requires or e.requires & present]
     found.mentions = list(items)
     # A coded body site or diagnosis says it best; its display words in the same place add nothing.
     coded_anatomy = {e.place for e in items if e.kind == "anatomy" and e.coded}

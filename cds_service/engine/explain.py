@@ -3,22 +3,7 @@
 from __future__ import annotations
 
 from .decision import Verdict
-from .evidence import Evidence
-
-_ASSERTION_WORDS = {
-    "negated": "negated",
-    "historical": "only as history",
-    "hypothetical": "only as a possibility",
-    "other-experiencer": "only as someone else's words",
-}
-
-
-def evidence_line(item: Evidence) -> str:
-    """One piece of evidence; a mention the order does not assert says how it was qualified and by what words."""
-    if item.assertion == "affirmed":
-        return item.label
-    how = _ASSERTION_WORDS.get(item.assertion, item.assertion)
-    return f"{item.label}: {how}" + (f" ({item.context})" if item.context else "")
+from .evidence import evidence_line
 
 
 def explain_lines(verdict: Verdict) -> list[str]:

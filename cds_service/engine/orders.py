@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .policy.schema import PLACES, Place
 
-__all__ = ["PLACES", "CodingRef", "OrderView", "Place", "as_list", "iter_bundle_resources", "read_order"]
+__all__ = ["PLACES", "Answer", "CodingRef", "OrderView", "Place", "as_list", "iter_bundle_resources", "read_order"]
 
 # Half-written orders can be anything; bound the work a hostile one can cause.
 _MAX_ITEMS = 200
 _MAX_TEXT = 4000
 _MAX_DEPTH = 8
+# An order question written as text: "Motion study requested? No", "Technique: dynamic fluoroscopic",
+# "Motion study (DMX)?: No - static films only". The question ends at the first "?" or ":".
+_QUESTION = re.compile(r"\s*(?P<q>[^?:\n]{2,160}?)\s*(?:\?\s*:?|:)\s*(?P<a>\S.*)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,15 @@ class CodingRef:
     system: str
     code: str
     display: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An order question's answer: the question is the first `question_end` characters of its text; the answer is
+    the text after it or, for an R5 valueBoolean, the boolean."""
+
+    question_end: int
+    value: str | bool
 
 
 @dataclass
@@ -38,6 +52,10 @@ class OrderView:
     do_not_perform: bool
     codings: list[CodingRef] = field(default_factory=list)
     texts: list[tuple[Place, str]] = field(default_factory=list)
+    # Texts that are an order question with its answer, by their index in `texts`.
+    answers: dict[int, Answer] = field(default_factory=dict)
+    # Texts that are only a coding's display, by their index in `texts`: the coding they name.
+    displays: dict[int, CodingRef] = field(default_factory=dict)
 
     @property
     def reference(self) -> str | None:
@@ -65,6 +83,31 @@ def as_list(value: Any) -> list[Any]:
     if isinstance(value, dict):
         return [value]
     return []
+
+
+def _concept_text(concept: Any) -> str | None:
+    """A CodeableConcept in words: its text, else its first display (else a bare string sent in its place)."""
+    if isinstance(concept, str):
+        return _str(concept)
+    if not isinstance(concept, dict):
+        return None
+    text = _str(concept.get("text"))
+    if text:
+        return text.strip()
+    for coding in as_list(concept.get("coding")):
+        if isinstance(coding, dict) and _str(coding.get("display")):
+            return str(coding["display"]).strip()
+    return None
+
+
+def _written_question(text: str) -> Answer | None:
+    """ "Motion study requested? No" -> the question ends after "requested"; the answer is "No"."""
+    match = _QUESTION.fullmatch(text)
+    if match is None or not any(c.isalpha() for c in match["q"]):
+        stripped = text.rstrip()
+        # A question with no answer ("Motion study (DMX)?") asks; it does not order.
+        return Answer(len(stripped), "") if stripped.endswith("?") and len(stripped) > 1 else None
+    return Answer(match.end("q"), match["a"].strip())
 
 
 def _str(value: Any) -> str | None:
@@ -99,11 +142,54 @@ class _Reader:
     def __init__(self, view: OrderView) -> None:
         self.view = view
 
-    def text(self, place: Place, value: Any) -> None:
+    def text(self, place: Place, value: Any, answer: Answer | None = None) -> None:
         text = _str(value)
+        if text and not text.isascii():
+            text = unicodedata.normalize("NFC", text)  # offsets found later refer to this form
         # code.text often repeats the coding's display: read each text once per place.
         if text and (place, text) not in self.view.texts:
+            if answer is None and place == "detail":
+                answer = _written_question(text)
+            if answer is not None:
+                self.view.answers[len(self.view.texts)] = answer
             self.view.texts.append((place, text))
+
+    def order_detail(self, details: Any) -> None:
+        """R4: CodeableConcepts (a question may be written "Question? Answer"). R5: parameters, each a question
+        (`code`) with its answer (`value[x]`), read as one text "Question: answer" so a trigger in the question
+        ("Prior study: DMX 2024") reaches the answer."""
+        for detail in as_list(details):
+            parameters = detail.get("parameter") if isinstance(detail, dict) else None
+            if parameters is None:
+                self.strings_under("detail", detail)
+                continue
+            for parameter in as_list(parameters):
+                if isinstance(parameter, dict):
+                    self.parameter(parameter)
+
+    def parameter(self, parameter: dict[str, Any]) -> None:
+        code = parameter.get("code")
+        question = _concept_text(code) or ""
+        if isinstance(code, dict):
+            for coding in as_list(code.get("coding")):
+                self.coding("detail", coding, read_display=False)
+        value = parameter.get("valueBoolean")
+        if isinstance(value, bool) and question:
+            self.text("detail", question, Answer(len(question), value))
+            return
+        answer = parameter.get("valueString")
+        concept = parameter.get("valueCodeableConcept")
+        if isinstance(concept, dict):
+            for coding in as_list(concept.get("coding")):
+                self.coding("detail", coding, read_display=False)
+            answer = _concept_text(concept)
+        if isinstance(answer, str) and answer.strip():
+            if question:
+                self.text("detail", f"{question}: {answer.strip()}", Answer(len(question), answer.strip()))
+            else:
+                self.text("detail", answer)
+        elif question:
+            self.text("detail", question)
 
     def concept(self, place: Place, concept: Any) -> None:
         """A CodeableConcept: its codings and its text."""
@@ -111,20 +197,26 @@ class _Reader:
             self.text(place, concept)
             return
         for coding in as_list(concept.get("coding")):
-            if not isinstance(coding, dict):
-                continue
-            system = coding.get("system")
-            code = coding.get("code")
-            display = _str(coding.get("display")) or ""
-            if isinstance(code, int | float) and not isinstance(code, bool):
-                code = str(code)  # a number where a code string belongs: still the code the clinician picked
-            if isinstance(code, str) and code.strip():
-                self.view.codings.append(
-                    CodingRef(place, system.strip() if isinstance(system, str) else "", code.strip()[:64], display)
-                )
-            if display:
-                self.text(place, display)
+            self.coding(place, coding)
         self.text(place, concept.get("text"))
+
+    def coding(self, place: Place, coding: Any, *, read_display: bool = True) -> None:
+        if not isinstance(coding, dict):
+            return
+        system = coding.get("system")
+        code = coding.get("code")
+        display = _str(coding.get("display")) or ""
+        if isinstance(code, int | float) and not isinstance(code, bool):
+            code = str(code)  # a number where a code string belongs: still the code the clinician picked
+        ref = None
+        if isinstance(code, str) and code.strip():
+            ref = CodingRef(place, system.strip() if isinstance(system, str) else "", code.strip()[:64], display)
+            self.view.codings.append(ref)
+        if display and read_display:
+            before = len(self.view.texts)
+            self.text(place, display)
+            if ref is not None and len(self.view.texts) > before:
+                self.view.displays[before] = ref
 
     def reference_display(self, place: Place, reference: Any) -> None:
         if isinstance(reference, dict):
@@ -173,7 +265,7 @@ def read_order(resource: dict[str, Any]) -> OrderView:
     )
     read = _Reader(view)
     read.codeable_reference("code", resource.get("code"))
-    read.strings_under("detail", resource.get("orderDetail"))
+    read.order_detail(resource.get("orderDetail"))
     for site in as_list(resource.get("bodySite")):
         read.concept("body_site", site)
     read.reference_display("body_site", resource.get("bodyStructure"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
@@ -24,15 +25,33 @@ class TermError(ValueError):
     """A term or pattern in a policy file cannot be compiled."""
 
 
+@functools.lru_cache(maxsize=4096)
+def _base(char: str) -> str:
+    decomposed = unicodedata.normalize("NFD", char)
+    return decomposed[0] if decomposed else char
+
+
+def fold(text: str) -> str:
+    """The text with accents removed letter by letter ("radiografía" -> "radiografia"), the same length as the
+    NFC text, so offsets found in the folded text point at the same letters in the original.
+
+    Orders are written in Spanish with and without accents; policy terms are matched on the folded form.
+    """
+    if text.isascii():
+        return text
+    return "".join(_base(c) if ord(c) > 127 else c for c in unicodedata.normalize("NFC", text))
+
+
 def term_key(text: str, *, case: bool) -> str:
-    """The lookup key of a phrase: its letters and digits, lower-cased unless the match is case-sensitive."""
+    """The lookup key of a phrase: its letters and digits (accents removed), lower-cased unless case-sensitive."""
+    text = fold(text)
     if case:
         return _ALNUM_CASE.sub("", text)
     return _ALNUM.sub("", text.lower())
 
 
 def _words(term: str) -> list[str]:
-    words = [w for w in _SPLIT.split(term.strip()) if w]
+    words = [w for w in _SPLIT.split(fold(term).strip()) if w]
     if not words:
         raise TermError(f"empty term {term!r}")
     for word in words:
@@ -135,13 +154,15 @@ class TermIndex:
         return out + [ref for _, ref in self._patterns]
 
     @staticmethod
-    def _prefixes(start: int, written: str, table: dict[str, list[Hashable]], case: bool) -> list[TermHit]:
+    def _prefixes(
+        start: int, written: str, table: dict[str, list[Hashable]], case: bool, original: str
+    ) -> list[TermHit]:
         out = []
         for sep in _SPLIT.finditer(written):
             head = written[: sep.start()]
             refs = table.get(term_key(head, case=case))
             if head and refs:
-                out.append(TermHit(start, start + len(head), head, tuple(refs)))
+                out.append(TermHit(start, start + len(head), original[start : start + len(head)], tuple(refs)))
         return out
 
     def find(self, text: str, *, nested: Callable[[Hashable], bool] | None = None) -> list[TermHit]:
@@ -156,20 +177,23 @@ class TermIndex:
 
     def _find(self, text: str, nested: Callable[[Hashable], bool] | None) -> tuple[TermHit, ...]:
         hits: list[TermHit] = []
+        original = text if text.isascii() else unicodedata.normalize("NFC", text)
+        text = fold(original)
         for regex, case in self._regexes:
             table = self._exact if case else self._plain
             for match in regex.finditer(text):
                 written = match.group(1)
                 refs = table.get(term_key(written, case=case))
+                start, end = match.start(1), match.end(1)
                 if refs:
-                    hits.append(TermHit(match.start(1), match.end(1), written, tuple(refs)))
+                    hits.append(TermHit(start, end, original[start:end], tuple(refs)))
                 if nested is not None:
                     # The regex reads the longest phrase at a position; shorter ones starting there ("motion" in
                     # "motion study") are only wanted for their nested meanings.
-                    hits.extend(self._prefixes(match.start(1), written, table, case))
+                    hits.extend(self._prefixes(start, written, table, case, original))
         for pattern, ref in self._patterns:
             for match in pattern.finditer(text):
-                hits.append(TermHit(match.start(), match.end(), match.group(0), (ref,)))
+                hits.append(TermHit(match.start(), match.end(), original[match.start() : match.end()], (ref,)))
         if len(hits) < 2:
             return tuple(hits)
         # Keep the longest reading: "soft tissue neck" is not the spine word "neck", "cine phase contrast" is not

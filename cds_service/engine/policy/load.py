@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import re
 import string
 import types
 import typing
@@ -15,7 +16,7 @@ from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from ..terms import TermError, TermIndex, term_key
+from ..terms import TermError, TermIndex, fold, term_key
 from . import schema as s
 from .model import (
     COVERED_BY_STATUS,
@@ -147,6 +148,10 @@ class _Compiler:
     # Every term's key -> what it means and where it was written (duplicates and contradictions).
     seen_terms: dict[tuple[bool, str], list[tuple[str, str, Loc]]] = field(default_factory=dict)
     seen_codes: dict[tuple[str, str], list[tuple[str, str, Loc]]] = field(default_factory=dict)
+    # Words of the terms by evidence kind (lower case, accents removed; multi-word terms also written together).
+    words: dict[str, set[str]] = field(default_factory=dict)
+    # Every group name evidence can carry (technique, look-alike, region and billing-code group names).
+    groups: set[str] = field(default_factory=set)
 
     def problem(self, path: Loc, message: str) -> None:
         found = Problem(self.source, path, self.located.line_of(path), message)
@@ -178,7 +183,6 @@ class _Compiler:
         kind_places: Mapping[str, frozenset[s.Place]],
         needs_anatomy: bool | None = None,
         track: bool = True,
-        fuzzy: dict[str, list[tuple[str, Meaning]]] | None = None,
     ) -> None:
         for i, spec in enumerate(terms):
             where = (*path, i)
@@ -193,21 +197,45 @@ class _Compiler:
                     item = Meaning(kind, meaning.group, kind_places.get(kind, meaning.places), combo=meaning.combo)
             if spec.places is not None:
                 item = Meaning(item.kind, item.group, frozenset(spec.places), item.region, item.combo)
+            case = spec.case
+            if spec.any_case_with is not None:
+                if not spec.case or spec.term is None:
+                    self.problem((*where, "any_case_with"), "only a term with `case: true` can also count in any case")
+                else:
+                    # Matched in any case; the evidence step keeps a match in another case only beside evidence of
+                    # these kinds.
+                    item = Meaning(
+                        item.kind,
+                        item.group,
+                        item.places,
+                        item.region,
+                        item.combo,
+                        exact_key=term_key(spec.term, case=True),
+                        any_case_with=frozenset(spec.any_case_with),
+                    )
+                    case = False
             try:
                 if spec.pattern is not None:
                     index.add_pattern(spec.pattern, item)
                     continue
                 if spec.term is None:  # the schema guarantees a term or a pattern
                     continue
-                index.add(spec.term, item, case=spec.case)
+                index.add(spec.term, item, case=case)
             except TermError as exc:
                 self.problem(where, str(exc))
                 continue
-            if fuzzy is not None and spec.fuzzy:
-                fuzzy.setdefault(term_key(spec.term, case=False), []).append((spec.term, item))
+            self.add_words(item.kind, spec.term)
+            self.groups.add(item.group)
             if track:
                 key = (spec.case, term_key(spec.term, case=spec.case))
                 self.seen_terms.setdefault(key, []).append((item.kind, item.group, where))
+
+    def add_words(self, kind: str, term: str) -> None:
+        words = [w for w in re.split(r"[^a-z0-9]+", fold(term).lower()) if w]
+        bucket = self.words.setdefault(kind, set())
+        bucket.update(words)
+        if len(words) > 1:
+            bucket.add("".join(words))  # "video fluoroscopy" is also written "videofluoroscopy"
 
     def add_code(self, alias: str, code: str, what: tuple[str, str], path: Loc) -> None:
         self.seen_codes.setdefault((alias, norm_code(code)), []).append((*what, path))
@@ -270,7 +298,6 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
     aliases = {uri: alias for alias, uris in systems.items() for uri in uris}
     canonical = {alias: uris[0] for alias, uris in systems.items()}
     index = TermIndex()
-    fuzzy: dict[str, list[tuple[str, Meaning]]] = {}
     exact: dict[tuple[str, str], list[CodedMeaning]] = {}
     code_sets: list[CodeEntry] = []
 
@@ -298,6 +325,7 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
         except ValueError as exc:
             c.problem(path, str(exc))
             return
+        c.groups.add(meaning.group)
         for code in codes.exact:
             exact.setdefault((alias, code), []).append(meaning)
             c.add_code(alias, code, (meaning.kind, meaning.group), path)
@@ -309,8 +337,10 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
     # Billing codes.
     billing_places = kind_places("billing-code", None, base)
     for alias, codes in spec.billing_codes.items():
-        for code, display in codes.items():
-            meaning = CodedMeaning("billing-code", "billing code", display, billing_places)
+        for code, entry in codes.items():
+            display = entry if isinstance(entry, str) else entry.display
+            group = "billing code" if isinstance(entry, str) else entry.group or "billing code"
+            meaning = CodedMeaning("billing-code", group, display, billing_places)
             add_codes(alias, [code], meaning, (*base, "billing_codes", alias, code), prefixes=False)
 
     # Techniques.
@@ -329,7 +359,6 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
             named,
             kind_places=places,
             needs_anatomy=technique.needs_anatomy,
-            fuzzy=fuzzy,
         )
         for k, combination in enumerate(technique.combinations):
             combo_id = f"{technique.name}#{k}"
@@ -343,7 +372,6 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
                     kind_places=places,
                     needs_anatomy=technique.needs_anatomy,
                     track=False,
-                    fuzzy=fuzzy,
                 )
 
     # The policy's anatomy, by region.
@@ -352,9 +380,9 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
     anatomy_places = kind_places("anatomy", None, apath)
     for region, rspec in anatomy.regions.items():
         rpath = (*apath, "regions", region)
-        for alias, codes in rspec.codes.items():
-            for code, display in codes.items():
-                meaning = CodedMeaning("anatomy", region, display, anatomy_places, region=region)
+        for alias, sites in rspec.codes.items():
+            for code, site in sites.items():
+                meaning = CodedMeaning("anatomy", region, site, anatomy_places, region=region)
                 add_codes(alias, [code], meaning, (*rpath, "codes", alias, code), prefixes=False)
         c.add_terms(
             index,
@@ -362,7 +390,6 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
             (*rpath, "terms"),
             Meaning("anatomy", region, anatomy_places, region=region),
             kind_places=places,
-            fuzzy=fuzzy,
         )
     for alias, entries in anatomy.diagnoses.items():
         for d, dx in enumerate(entries):
@@ -412,13 +439,25 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
             _add_plain(c, context, term, ref, (*base, "context", i, "terms", t))
     for t, term in enumerate(spec.terminators):
         _add_plain(c, context, term, "terminate", (*base, "terminators", t))
-    questions: TermIndex | None = None
+    answers: dict[str, set[str]] = {"yes": set(), "no": set()}
     if spec.questions is not None:
-        questions = TermIndex()
         for answer in ("yes", "no"):
             for t, term in enumerate(getattr(spec.questions, answer)):
-                _add_plain(c, questions, term, answer, (*base, "questions", answer, t))
-        questions.compile()
+                if term.term is None:
+                    c.problem((*base, "questions", answer, t), "an answer is a word or phrase, not a pattern")
+                    continue
+                answers[answer].add(term_key(term.term, case=False))
+        for both in sorted(answers["yes"] & answers["no"]):
+            c.problem((*base, "questions"), f"{both!r} is listed as both a yes and a no answer")
+    typo_words: set[str] = set()
+    if spec.typos is not None:
+        for kind in spec.typos.kinds:
+            typo_words |= {w for w in c.words.get(kind, ()) if len(w) >= spec.typos.min_length and w.isalpha()}
+    known = set().union(*c.words.values()) if c.words else set()
+    for trigger in spec.context:
+        for term in trigger.terms:
+            if term.term is not None:
+                known.update(w for w in re.split(r"[^a-z0-9]+", fold(term.term).lower()) if w)
 
     c.check_duplicates()
     try:
@@ -436,8 +475,13 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
         anatomy=anatomy.name,
         regions=tuple(anatomy.regions),
         context=context,
-        questions=questions,
-        fuzzy_words=fuzzy,
+        context_kinds=frozenset(spec.context_kinds),
+        yes_answers=frozenset(answers["yes"]),
+        no_answers=frozenset(answers["no"]),
+        typo_words=tuple(sorted(typo_words)),
+        known_words=frozenset(known),
+        typo_min_length=spec.typos.min_length if spec.typos else 8,
+        typo_max_edits=spec.typos.max_edits if spec.typos else 1,
     )
 
 
@@ -465,10 +509,16 @@ def _condition(
     rules: Mapping[str, tuple[int, s.Rule]] | None = None,
 ) -> Cond:
     if spec.evidence is not None:
+        for g, group in enumerate(spec.group or []):
+            if group not in c.groups:
+                close = difflib.get_close_matches(group, sorted(c.groups), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                c.problem((*path, "group", g), f"no technique, look-alike, region or code group named {group!r}{hint}")
         return EvidenceTest(
             spec.evidence,
             frozenset(spec.in_) if spec.in_ is not None else None,
             frozenset(spec.assertion or ("affirmed",)),
+            frozenset(spec.group) if spec.group is not None else None,
         )
     for fact in _FACT_NAMES:
         values = getattr(spec, fact)
@@ -516,7 +566,7 @@ def _rules(c: _Compiler, spec: s.PolicyFile) -> tuple[Rule, ...]:
     rules: list[Rule] = []
     ids: dict[str, int] = {}
     by_id = {rule.id: (i, rule) for i, rule in reversed(list(enumerate(spec.decision)))}
-    allowed = {name: "{" + name + "}" for name in (*_FACT_NAMES, *s.EVIDENCE_KINDS)}
+    allowed = {name: "{" + name + "}" for name in (*_FACT_NAMES, "deciding", *s.EVIDENCE_KINDS)}
     for i, rule in enumerate(spec.decision):
         path: Loc = ("decision", i)
         if rule.id in ids:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..terms import TermIndex
@@ -88,6 +88,9 @@ class Meaning:
     region: str = ""
     # A part of a combination: (combination id, part index, number of parts).
     combo: tuple[str, int, int] | None = None
+    # An acronym listed in one case that counts in any case only beside evidence of these kinds ("dmx neck").
+    exact_key: str = ""
+    any_case_with: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class CodedMeaning:
     places: frozenset[Place]
     region: str = ""
     specificity: int = 0
+    group_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -133,8 +137,15 @@ class Recognition:
     regions: tuple[str, ...]
     # ConText: triggers and terminators in their own index, so they never count as evidence.
     context: TermIndex
-    questions: TermIndex | None = None
-    fuzzy_words: dict[str, list[tuple[str, Meaning]]] = field(default_factory=dict)
+    context_kinds: frozenset[str] = frozenset()
+    # Answers to order questions, as term keys ("no", "n", "false" ...).
+    yes_answers: frozenset[str] = frozenset()
+    no_answers: frozenset[str] = frozenset()
+    # Typos: the long words of the policy's terms a misspelling may stand for, and every word it knows.
+    typo_words: tuple[str, ...] = ()
+    known_words: frozenset[str] = frozenset()
+    typo_min_length: int = 8
+    typo_max_edits: int = 1
 
 
 # -- the decision table --------------------------------------------------------------------------------------------
@@ -145,6 +156,7 @@ class EvidenceTest:
     kind: EvidenceKind
     places: frozenset[Place] | None
     assertions: frozenset[str]
+    groups: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)

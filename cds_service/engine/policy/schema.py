@@ -154,12 +154,19 @@ class TermSpec(Strict):
     case: Annotated[bool, Field(description="Match exactly this case (acronyms: DMX, VMA)")] = False
     places: list[Place] | None = None
     needs_anatomy: bool | None = None
-    fuzzy: Annotated[bool | None, Field(description="Allow a typo (edit distance 1) in a long word")] = None
-    lang: Annotated[str | None, Field(pattern=r"^[a-z]{2}$")] = None
+    # An acronym written in capitals (DMX) that also counts in any case ("dmx neck") when the order has evidence of
+    # one of these kinds, e.g. anatomy: lower-case acronyms are typed where the context is imaging.
+    any_case_with: list[EvidenceKind] | None = None
+    lang: Annotated[str | None, Field(pattern=r"^[a-z]{2}$", description="Language of the term (en, es, ...)")] = None
 
     @model_validator(mode="before")
     @classmethod
     def _plain_string(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            # YAML 1.1 reads unquoted yes/no/on/off/true/false as booleans, not words.
+            raise ValueError(f'YAML read this term as {str(value).lower()}: quote the word, e.g. "no" or "yes"')
+        if isinstance(value, int | float):
+            return {"term": str(value)}
         return {"term": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
@@ -232,19 +239,47 @@ class QuestionsSpec(Strict):
     no: Annotated[Terms, Field(min_length=1)]
 
 
+class TyposSpec(Strict):
+    """Typos beyond the listed misspellings: a long word within `max_edits` edits (insertions, deletions,
+    substitutions, transpositions) of a word of the policy's terms is read as that word."""
+
+    min_length: Annotated[int, Field(ge=5, le=30)] = 8
+    max_edits: Annotated[int, Field(ge=1, le=2)] = 1
+    # Whose words a typo may stand for.
+    kinds: Annotated[list[EvidenceKind], Field(min_length=1)]
+
+
+_CONTEXT_KINDS: tuple[EvidenceKind, ...] = (
+    "technique",
+    "ambiguous-technique",
+    "look-alike",
+    "billing-explanation",
+    "comparator",
+)
+
+
+class BillingCodeSpec(Strict):
+    display: Text
+    # A name rules can test (`group:`), e.g. "unlisted" for the codes that bill anything.
+    group: str | None = None
+
+
 class Recognition(Strict):
     code_systems: Annotated[dict[str, Annotated[list[str], Field(min_length=1)]], Field(min_length=1)]
     places: dict[EvidenceKind, list[Place]]
     # The order's own fields, read together: a combination's words may be split over them.
     order_fields: list[Place]
-    billing_codes: dict[str, dict[str, str]] = Field(default_factory=dict)
+    billing_codes: dict[str, dict[str, str | BillingCodeSpec]] = Field(default_factory=dict)
     techniques: list[TechniqueSpec] = Field(default_factory=list)
     anatomy: AnatomySpec
     other_anatomy: OtherAnatomySpec = Field(default_factory=OtherAnatomySpec)
     look_alikes: list[LookAlikeSpec] = Field(default_factory=list)
     context: list[ContextSpec] = Field(default_factory=list)
     terminators: Terms = Field(default_factory=list)
+    # Which evidence the context triggers and order questions qualify (the rest is always read as asserted).
+    context_kinds: list[EvidenceKind] = Field(default_factory=lambda: list(_CONTEXT_KINDS))
     questions: QuestionsSpec | None = None
+    typos: TyposSpec | None = None
 
 
 class Condition(Strict):
@@ -253,6 +288,9 @@ class Condition(Strict):
     evidence: EvidenceKind | None = None
     in_: Annotated[list[Place] | None, Field(alias="in")] = None
     assertion: list[Assertion] | None = None
+    group: Annotated[
+        list[str] | None, Field(description="Only evidence of these groups (technique, look-alike ...)")
+    ] = None
     status: list[str] | None = None
     intent: list[str] | None = None
     do_not_perform: bool | None = None
@@ -276,8 +314,8 @@ class Condition(Strict):
             raise ValueError(f"a condition is either a test ({leaves[0]}) or a group ({groups[0]}), not both")
         if not leaves and not groups:
             raise ValueError("an empty condition; write a test (evidence, status, ...) or all / any / unless")
-        if (self.in_ is not None or self.assertion is not None) and self.evidence is None:
-            raise ValueError("`in` and `assertion` refine an `evidence` test")
+        if (self.in_ is not None or self.assertion is not None or self.group is not None) and self.evidence is None:
+            raise ValueError("`in`, `assertion` and `group` refine an `evidence` test")
         return self
 
 
@@ -285,7 +323,9 @@ class Rule(Strict):
     id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
     when: Annotated[Condition | None, Field(description="Omit for the last rule, which always holds")] = None
     verdict: Verdict
-    reason: Annotated[str, Field(min_length=1, description="Placeholders: {status}, {intent} and evidence kinds")]
+    reason: Annotated[
+        str, Field(min_length=1, description="Placeholders: {status}, {intent}, {deciding} and evidence kinds")
+    ]
 
 
 class PolicyFile(Strict):
