@@ -203,6 +203,6 @@ def alternative_order(verdict: Verdict, alternative: Alternative, request: HookR
     if reasons and all(valid(r) for r in reasons):
         resource[reasons_key] = reasons
     resource["bodySite"] = [{"coding": [alternative.body_site.to_fhir()], "text": alternative.body_site.display}]
-    note = verdict.policy.replacement_note.replace("{order}", verdict.order.reference or "the draft order")
+    note = verdict.policy.replacement_note.replace("{order}", order_name(verdict))
     resource["note"] = [{"text": note}]
     return resource

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import string
 from dataclasses import dataclass, field
+from typing import Any
 
 from .evidence import Evidence, OrderEvidence, collect, evidence_line
-from .orders import OrderView
+from .orders import OrderView, glance, read_order
 from .policy.model import Coding, Cond, EvidenceTest, FactTest, Group, Policy, Rule
+from .prefilter import might_flag, order_words
 
 
 @dataclass
@@ -141,3 +144,27 @@ def decide(order: OrderView, policy: Policy, found: OrderEvidence) -> Verdict:
 def judge(order: OrderView, policy: Policy) -> Verdict:
     """Collect one order's evidence under one policy and decide."""
     return decide(order, policy, collect(order, policy))
+
+
+@functools.lru_cache(maxsize=1024)
+def _quiet(policy: Policy, status: str | None, intent: str | None, do_not_perform: bool) -> tuple[Rule, str]:
+    """The rule that decides an order with no evidence at all, by its request facts (cached: few combinations)."""
+    facts = _Facts(status, intent, do_not_perform, ())
+    for rule in policy.rules:
+        if rule.when is None or _holds(rule.when, facts, []):
+            return rule, _fill(rule, facts, [])
+    raise AssertionError("the loader guarantees a last rule without a condition")
+
+
+def judge_resource(
+    resource: dict[str, Any], policy: Policy, words: tuple[str, frozenset[str]] | None = None
+) -> Verdict:
+    """Judge one ServiceRequest as sent. The first pass (prefilter) decides whether any flagging rule could hold; an
+    order that names none of the words or codes those rules need is decided on its request facts alone, without
+    reading its places (its verdict says so: the table's rule for an order with no evidence)."""
+    rec = policy.recognition
+    if rec.prefilter and not might_flag(rec, words if words is not None else order_words(resource)):
+        order = glance(resource)
+        rule, reason = _quiet(policy, order.status, order.intent, order.do_not_perform)
+        return Verdict(order=order, policy=policy, rule=rule.id, flagged=rule.flags, reason=reason)
+    return judge(read_order(resource), policy)

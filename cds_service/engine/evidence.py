@@ -304,21 +304,39 @@ def _combine(parts: list[_Mention]) -> tuple[Assertion, str]:
     return "affirmed", ""
 
 
-def _read_texts(order: OrderView, policy: Policy, found: OrderEvidence, *, typos: bool) -> None:
-    rec = policy.recognition
-    # A combination's words may be split over the order's own fields ("MRI C-spine" in the name, "kinematic
-    # sequences in flexion/extension" in the detail): together they name the one procedure ordered. Elsewhere
-    # (a note, an instruction) each text stands alone.
-    scopes: dict[object, dict[str, dict[int, _Mention]]] = {}
-    combo_meanings: dict[str, Meaning] = {}
+_PRO_WORDS = frozenset({"technique", "ambiguous-technique", "anatomy", "billing-code"})
+
+
+def _scan(order: OrderView, rec: Recognition) -> list[tuple[int, Place, str, list[TermHit]]]:
+    """Every text of the order with the policy's terms found in it (one pass of the combined term automaton)."""
+    out = []
     for number, (place, text) in enumerate(order.texts):
         coding = order.displays.get(number)
         if coding is not None and _is_billing_code(rec, coding.system, coding.code):
             # The descriptor of one of the policy's own codes ("Unlisted fluoroscopic procedure") says what the
             # code says; its words are not the order's ("fluoroscopic" beside "bending" is no motion study).
             continue
+        out.append((number, place, text, rec.index.find(text, nested=_is_combo_part)))
+    return out
+
+
+def _read_texts(
+    order: OrderView,
+    policy: Policy,
+    found: OrderEvidence,
+    scanned: list[tuple[int, Place, str, list[TermHit]]],
+    *,
+    typos: bool,
+) -> None:
+    rec = policy.recognition
+    # A combination's words may be split over the order's own fields ("MRI C-spine" in the name, "kinematic
+    # sequences in flexion/extension" in the detail): together they name the one procedure ordered. Elsewhere
+    # (a note, an instruction) each text stands alone.
+    scopes: dict[object, dict[str, dict[int, _Mention]]] = {}
+    combo_meanings: dict[str, Meaning] = {}
+    for number, place, text, hits in scanned:
         reader = _TextReader(rec, place, text, order.answers.get(number))
-        mentions = reader.mentions(rec.index.find(text, nested=_is_combo_part), {})
+        mentions = reader.mentions(hits, {}) if hits else []
         if typos:
             corrected = _corrected(rec, text)
             if corrected is not None:
@@ -372,7 +390,9 @@ def _requires(mention: _Mention) -> frozenset[str]:
 def _evidence(ref: Meaning, mention: _Mention) -> Evidence:
     if mention.written:
         # Quote what the order says; name the word it was read as without quotes.
-        label = _label(ref, mention.written, mention.place).replace(" (in the ", f" (read as {mention.hit.text}, in the ")
+        label = _label(ref, mention.written, mention.place).replace(
+            " (in the ", f" (read as {mention.hit.text}, in the "
+        )
     else:
         label = _label(ref, mention.hit.text, mention.place)
     return Evidence(
@@ -401,16 +421,23 @@ def _dedupe(items: list[Evidence]) -> list[Evidence]:
 
 
 def collect(order: OrderView, policy: Policy) -> OrderEvidence:
-    """All evidence a policy finds in one order."""
+    """All evidence a policy finds in one order.
+
+    One pass of the combined term automaton over the order's texts decides whether the order is a candidate at all;
+    an order that names none of the policy's codes or words (most orders: labs, medications, ordinary imaging)
+    stops there. Assertion context runs only for texts holding a mention it qualifies, and typos are looked for only
+    in orders that already say something for the service (a technique, a billing code or the anatomy).
+    """
+    rec = policy.recognition
     found = OrderEvidence()
     _read_codings(order, policy, found)
-    _read_texts(order, policy, found, typos=False)
-    if found.items and policy.recognition.typo_words:
-        # Typos are looked for only in orders that already say something in the policy's terms (a candidate): a
-        # misspelled technique beside a spine word; an order with none of the words never pays for the search.
-        found = OrderEvidence()
-        _read_codings(order, policy, found)
-        _read_texts(order, policy, found, typos=True)
+    scanned = _scan(order, rec)
+    if not found.items and not any(hits for _, _, _, hits in scanned):
+        return found
+    pro = any(item.kind in _PRO_WORDS for item in found.items) or any(
+        isinstance(ref, Meaning) and ref.kind in _PRO_WORDS for _, _, _, hits in scanned for h in hits for ref in h.refs
+    )
+    _read_texts(order, policy, found, scanned, typos=pro and bool(rec.typo_words))
     items = found.items
     # An acronym written in another case than listed counts only beside the evidence it needs ("dmx neck").
     present = {e.kind for e in items if e.assertion == "affirmed" and not e.requires}

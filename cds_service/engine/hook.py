@@ -7,10 +7,11 @@ from datetime import date
 
 from . import crd
 from .cards import build_card
-from .decision import Verdict, judge
+from .decision import Verdict, judge_resource
 from .outcome import Outcome
 from .policy.model import Service
-from .request import HookRequest, orders_to_judge
+from .prefilter import order_words
+from .request import HookRequest, resources_to_judge
 
 
 @dataclass
@@ -34,7 +35,10 @@ class Assessment:
 
 def assess(request: HookRequest, service: Service) -> Assessment:
     """Judge every order the hook asks about against every policy of the service."""
-    verdicts = [judge(order, policy) for order in orders_to_judge(request) for policy in service.policies]
+    verdicts: list[Verdict] = []
+    for resource in resources_to_judge(request):
+        words = order_words(resource) if len(service.policies) > 1 else None  # one pass for every policy
+        verdicts.extend(judge_resource(resource, policy, words) for policy in service.policies)
     return Assessment(request, service, verdicts, crd.read_configuration(request.extension))
 
 

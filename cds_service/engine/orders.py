@@ -250,12 +250,13 @@ class _Reader:
             self.text(place, value)
 
 
-def read_order(resource: dict[str, Any]) -> OrderView:
-    """Read one ServiceRequest (R4 or R5 shape) into the places the policy rules look at."""
+def glance(resource: dict[str, Any]) -> OrderView:
+    """The order's identity and request facts only (id, status, intent, doNotPerform), for an order the first pass
+    found nothing in: its places are not read."""
     rid = resource.get("id")
     status = resource.get("status")
     intent = resource.get("intent")
-    view = OrderView(
+    return OrderView(
         resource=resource,
         id=rid.strip() if isinstance(rid, str) and rid.strip() else None,
         status=status.strip() if isinstance(status, str) else None,
@@ -263,6 +264,11 @@ def read_order(resource: dict[str, Any]) -> OrderView:
         shape=_shape(resource),
         do_not_perform=resource.get("doNotPerform") is True,
     )
+
+
+def read_order(resource: dict[str, Any]) -> OrderView:
+    """Read one ServiceRequest (R4 or R5 shape) into the places the policy rules look at."""
+    view = glance(resource)
     read = _Reader(view)
     read.codeable_reference("code", resource.get("code"))
     read.order_detail(resource.get("orderDetail"))

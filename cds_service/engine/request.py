@@ -144,8 +144,13 @@ def parse_hook_request(body: Any, service: Service) -> HookRequest:
 
 
 def orders_to_judge(request: HookRequest) -> list[OrderView]:
+    """The orders to judge, read (see resources_to_judge)."""
+    return [read_order(resource) for resource in resources_to_judge(request)]
+
+
+def resources_to_judge(request: HookRequest) -> list[dict[str, Any]]:
     """order-sign: every ServiceRequest in draftOrders; order-select: only the selected ones. Other types skipped."""
-    orders: list[OrderView] = []
+    orders: list[dict[str, Any]] = []
     seen: set[str] = set()
     wanted = set(request.selections) if request.selections is not None else None
     # The "ServiceRequest/<id>" ending of each absolute selection, indexed once: O(selections + orders), not their
@@ -162,7 +167,7 @@ def orders_to_judge(request: HookRequest) -> list[OrderView]:
             if key in seen:
                 continue  # the same order listed twice is judged (and carded) once
             seen.add(key)
-        orders.append(read_order(resource))
+        orders.append(resource)
     return orders
 
 

@@ -152,6 +152,8 @@ class _Compiler:
     words: dict[str, set[str]] = field(default_factory=dict)
     # Every group name evidence can carry (technique, look-alike, region and billing-code group names).
     groups: set[str] = field(default_factory=set)
+    # Every place each kind of evidence can be read in (defaults and the places groups and terms set).
+    kind_places: dict[str, set[str]] = field(default_factory=dict)
 
     def problem(self, path: Loc, message: str) -> None:
         found = Problem(self.source, path, self.located.line_of(path), message)
@@ -161,9 +163,14 @@ class _Compiler:
     def fill(self, template: str, allowed: Mapping[str, str], path: Loc, keep: Iterable[str] = ()) -> str:
         """Fill {placeholders} from policy facts at load time; names in `keep` stay for later (per order)."""
         try:
-            names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+            parsed = list(string.Formatter().parse(template))
         except ValueError as exc:
-            self.problem(path, f"bad placeholder: {exc}")
+            self.problem(path, f"bad placeholder: {exc} (write a literal brace as {{{{ or }}}})")
+            return template
+        names = {name for _, name, _, _ in parsed if name is not None}
+        shaped = sorted(name for _, name, spec, conversion in parsed if name is not None and (spec or conversion))
+        if shaped:
+            self.problem(path, f"placeholder(s) {shaped} take no format or conversion: write {{name}}")
             return template
         keep = set(keep)
         unknown = names - set(allowed) - keep
@@ -226,6 +233,7 @@ class _Compiler:
                 continue
             self.add_words(item.kind, spec.term)
             self.groups.add(item.group)
+            self.kind_places.setdefault(item.kind, set()).update(item.places)
             if track:
                 key = (spec.case, term_key(spec.term, case=spec.case))
                 self.seen_terms.setdefault(key, []).append((item.kind, item.group, where))
@@ -300,6 +308,7 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
     index = TermIndex()
     exact: dict[tuple[str, str], list[CodedMeaning]] = {}
     code_sets: list[CodeEntry] = []
+    ranged: list[tuple[str, CodeSet, CodedMeaning, Loc]] = []
 
     def kind_places(kind: s.EvidenceKind, own: list[s.Place] | None, path: Loc) -> frozenset[s.Place]:
         if own is not None:
@@ -326,13 +335,13 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
             c.problem(path, str(exc))
             return
         c.groups.add(meaning.group)
+        c.kind_places.setdefault(meaning.kind, set()).update(meaning.places)
         for code in codes.exact:
             exact.setdefault((alias, code), []).append(meaning)
             c.add_code(alias, code, (meaning.kind, meaning.group), path)
         if codes.ranges or codes.prefixes:
-            code_sets.append(CodeEntry(alias, CodeSet([], prefixes=False), meaning))
-            code_sets[-1].codes.ranges.extend(codes.ranges)
-            code_sets[-1].codes.prefixes.extend(codes.prefixes)
+            code_sets.append(CodeEntry(alias, codes, meaning))
+            ranged.append((alias, codes, meaning, path))
 
     # Billing codes.
     billing_places = kind_places("billing-code", None, base)
@@ -459,6 +468,19 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
             if term.term is not None:
                 known.update(w for w in re.split(r"[^a-z0-9]+", fold(term.term).lower()) if w)
 
+    # A code listed exactly under one meaning and inside a range or prefix of a contradicting one ("78305" beside
+    # a look-alike's "78300-78320") is a contradiction like two exact codes.
+    for alias, covered, meaning, path in ranged:
+        for (code_alias, code), meanings in exact.items():
+            if code_alias != alias or code in covered.exact or code not in covered:
+                continue
+            for other in meanings:
+                if {meaning.kind, other.kind} & PRO_KINDS and {meaning.kind, other.kind} & CON_KINDS:
+                    c.problem(
+                        path,
+                        f"contradiction: {alias} {code} is {_describe(other.kind, other.group)} and inside this "
+                        f"range of {_describe(meaning.kind, meaning.group)}",
+                    )
     c.check_duplicates()
     try:
         index.compile()
@@ -509,6 +531,13 @@ def _condition(
     rules: Mapping[str, tuple[int, s.Rule]] | None = None,
 ) -> Cond:
     if spec.evidence is not None:
+        never = sorted(set(spec.in_ or ()) - c.kind_places.get(spec.evidence, set()))
+        if never:
+            c.problem(
+                (*path, "in"),
+                f"{spec.evidence} evidence is never read in {never} (see recognition.places and the places of its "
+                "terms), so this test can never hold there",
+            )
         for g, group in enumerate(spec.group or []):
             if group not in c.groups:
                 close = difflib.get_close_matches(group, sorted(c.groups), n=1)
@@ -594,6 +623,104 @@ def _rules(c: _Compiler, spec: s.PolicyFile) -> tuple[Rule, ...]:
 # -- a whole file --------------------------------------------------------------------------------------------------
 
 
+def _needs(cond: Cond | None) -> frozenset[str] | None:
+    """Kinds of evidence of which at least one must be present for the condition to hold (None: no such kinds)."""
+    if cond is None or isinstance(cond, FactTest):
+        return None
+    if isinstance(cond, EvidenceTest):
+        return frozenset({cond.kind})
+    known = [n for n in (_needs(c) for c in cond.all) if n is not None]
+    if known:
+        return min(known, key=len)
+    if cond.any:
+        each = [_needs(c) for c in cond.any]
+        if all(n is not None for n in each):
+            return frozenset().union(*(n for n in each if n is not None))
+    return None
+
+
+def _prefilter(c: _Compiler, spec: s.Recognition, rules: tuple[Rule, ...], rec: Recognition) -> None:
+    """The words and codes without which no flagging rule can hold: the cheap pass that lets most orders (labs,
+    medications, ordinary imaging) skip the full judgement."""
+    needed: set[str] = set()
+    for rule in rules:
+        if not rule.flags:
+            continue
+        kinds = _needs(rule.when)
+        if kinds is None:
+            return  # a flagging rule that needs no evidence: every order is judged in full
+        needed |= kinds
+    tokens: set[str] = set()
+    patterns: list[re.Pattern[str]] = []
+
+    def first_words(term: s.TermSpec) -> set[str]:
+        words = [w for w in re.split(r"[^a-z0-9]+", fold(term.term or "").lower()) if w]
+        # Separators between a term's words are optional, so its first word in a text is any run of its first
+        # words written together ("video fluoroscopy" as "videofluoroscopy"); a plural may end the last.
+        out = {"".join(words[:k]) for k in range(1, len(words) + 1)}
+        joined = "".join(words)
+        return out | {joined + "s", joined + "es"}
+
+    def add(term: s.TermSpec) -> None:
+        if term.pattern is not None:
+            if term.pattern not in {p.pattern for p in patterns}:
+                patterns.append(re.compile(term.pattern))
+        elif term.term is not None:
+            tokens.update(first_words(term))
+
+    def rarest(groups: list[list[s.TermSpec]]) -> list[s.TermSpec]:
+        """A combination holds only when every group of its words is there, so one group's words are enough to
+        find its candidates: the group written without patterns whose shortest word is longest (the rarest)."""
+        plain = [g for g in groups if all(t.pattern is None for t in g)] or groups
+        return max(plain, key=lambda g: min((len(w) for t in g for w in first_words(t)), default=0))
+
+    for technique in spec.techniques:
+        for term in technique.terms:
+            kind = (
+                "ambiguous-technique"
+                if (term.needs_anatomy if term.needs_anatomy is not None else technique.needs_anatomy)
+                else "technique"
+            )
+            if kind in needed:
+                add(term)
+        if needed & {"technique", "ambiguous-technique"}:
+            for combination in technique.combinations:
+                for term in rarest(combination):
+                    add(term)
+    for look in spec.look_alikes:
+        if look.kind in needed:
+            for term in look.terms:
+                add(term)
+    if "anatomy" in needed:
+        for region in spec.anatomy.regions.values():
+            for term in region.terms:
+                add(term)
+    if "other-anatomy" in needed:
+        for term in spec.other_anatomy.terms:
+            add(term)
+    for (_alias, code), meanings in rec.exact_codes.items():
+        if any(m.kind in needed for m in meanings):
+            tokens.add(code.lower())
+    if any(entry.meaning.kind in needed for entry in rec.code_sets):
+        return  # ranges and prefixes cannot be listed as words: judge every order in full
+    rec.candidate_tokens = frozenset(tokens)
+    rec.candidate_patterns = tuple(patterns)
+    anatomy: set[str] = set()
+    for region in spec.anatomy.regions.values():
+        for term in region.terms:
+            if term.term is not None:
+                anatomy.update(w for w in re.split(r"[^a-z0-9]+", fold(term.term).lower()) if w)
+    rec.anatomy_tokens = frozenset(anatomy)
+    typo_kinds = set(spec.typos.kinds) & needed if spec.typos else set()
+    typo_words = sorted({w for kind in typo_kinds for w in c.words.get(kind, ()) if len(w) >= rec.typo_min_length})
+    if typo_kinds & {"technique", "ambiguous-technique"}:
+        # Combination words are a technique's words too ("fluoroscopy" misspelled beside "motion").
+        typo_words = sorted(set(typo_words) | {w for w in rec.typo_words if w in tokens})
+    rec.candidate_typo_words = tuple(typo_words)
+    rec.candidate_typo_ends = frozenset({w[:3] for w in typo_words} | {w[-3:] for w in typo_words})
+    rec.prefilter = True
+
+
 def _compile(c: _Compiler, spec: s.PolicyFile, digest: str) -> Policy:
     meta = spec.policy
     facts = {"payer": spec.payer.name, "title": meta.title, "reference": meta.reference, "version": meta.version}
@@ -662,6 +789,8 @@ def _compile(c: _Compiler, spec: s.PolicyFile, digest: str) -> Policy:
     )
     if text.instructions_summary and len(text.instructions_summary) > SUMMARY_LIMIT:
         c.problem(("card", "instructions", "summary"), "a card summary must be under 140 characters")
+    rules = _rules(c, spec)
+    _prefilter(c, spec.recognition, rules, recognition)
     return Policy(
         id=meta.id,
         title=meta.title,
@@ -680,7 +809,7 @@ def _compile(c: _Compiler, spec: s.PolicyFile, digest: str) -> Policy:
         region_from=tuple(frozenset(group) for group in spec.alternatives.region_from),
         replacement_note=c.fill(spec.alternatives.note, facts, ("alternatives", "note"), keep=("order",)),
         recognition=recognition,
-        rules=_rules(c, spec),
+        rules=rules,
         prefetch={name: PrefetchKey(p.query, p.required) for name, p in spec.prefetch.items()},
         source=c.source,
         sha256=digest,
@@ -748,8 +877,11 @@ def load_policy_file(source: Path) -> tuple[Policy | None, list[Problem]]:
     policy = _compile(compiler, spec, hashlib.sha256(raw).hexdigest())
     # A part left out for a format problem can cause follow-on problems (a rule naming a dropped condition): each
     # place is reported once, with the format problem first.
+    # ... and a problem on a part that contains a reported one (its parent mapping) is a consequence too.
     reported = {p.path for p in structure}
-    problems += [p for p in compiler.problems if not any(p.path[: len(r)] == r for r in reported)]
+    problems += [
+        p for p in compiler.problems if not any(p.path[: len(r)] == r or r[: len(p.path)] == p.path for r in reported)
+    ]
     return (policy if not problems else None), problems
 
 

@@ -146,6 +146,17 @@ class Recognition:
     known_words: frozenset[str] = frozenset()
     typo_min_length: int = 8
     typo_max_edits: int = 1
+    # The cheap first pass: an order none of whose words (lower case, accents removed) is in `candidate_tokens` and
+    # which matches none of `candidate_patterns` cannot meet any flagging rule of the decision table. Empty when
+    # some flagging rule needs no evidence (then every order is judged in full).
+    candidate_tokens: frozenset[str] = frozenset()
+    candidate_patterns: tuple[re.Pattern[str], ...] = ()
+    prefilter: bool = False
+    # Misspellings count in the first pass too: the long words of the needed kinds, and their first and last three
+    # letters (one edit in a word of 8 letters or more leaves one of the two intact).
+    candidate_typo_words: tuple[str, ...] = ()
+    candidate_typo_ends: frozenset[str] = frozenset()
+    anatomy_tokens: frozenset[str] = frozenset()
 
 
 # -- the decision table --------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, WithJsonSchema, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
 
 # Where an order carries meaning (engine.orders reads each of these).
 Place = Literal["code", "detail", "body_site", "reason", "note", "instruction", "category", "performer"]
@@ -42,6 +44,8 @@ class Strict(BaseModel):
 
 
 Text = Annotated[str, Field(min_length=1)]
+# A code as the analyst writes it: quoted or not (YAML reads an unquoted 76120 as a number; the loader keeps the text).
+Code = Annotated[str, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer"}]})]
 
 
 class PolicyMeta(Strict):
@@ -169,6 +173,14 @@ class TermSpec(Strict):
             return {"term": str(value)}
         return {"term": value} if isinstance(value, str) else value
 
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        # A term is written as plain text or as a mapping: the editor must accept both.
+        mapping = handler(schema)
+        return {"anyOf": [{"type": "string", "minLength": 1}, mapping]}
+
     @model_validator(mode="after")
     def _one_of(self) -> TermSpec:
         if (self.term is None) == (self.pattern is None):
@@ -193,12 +205,12 @@ class TechniqueSpec(Strict):
 
 
 class RegionSpec(Strict):
-    codes: dict[str, dict[str, str]] = Field(default_factory=dict)
+    codes: dict[str, dict[str, Text]] = Field(default_factory=dict)
     terms: Terms = Field(default_factory=list)
 
 
 class DiagnosisSpec(Strict):
-    codes: Annotated[str, Field(min_length=1, description='Codes, ranges ("M40-M54") or prefixes, comma-separated')]
+    codes: Annotated[Code, Field(min_length=1, description='Codes, ranges ("M40-M54") or prefixes, comma-separated')]
     display: Text
     region: str | None = None
 
@@ -217,7 +229,7 @@ class LookAlikeSpec(Strict):
     name: Text
     kind: Literal["look-alike", "billing-explanation", "comparator", "other-service"]
     places: list[Place] | None = None
-    codes: dict[str, list[str]] = Field(default_factory=dict)
+    codes: dict[str, list[Code]] = Field(default_factory=dict)
     terms: Terms = Field(default_factory=list)
 
 

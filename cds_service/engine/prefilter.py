@@ -1,0 +1,124 @@
+"""The cheap first pass over an order: can any flagging rule of the policy hold at all? Most orders answer no."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+from rapidfuzz.distance import OSA
+from rapidfuzz.process import extractOne
+
+from .policy.model import Recognition
+from .terms import fold
+
+_TOKEN = re.compile(r"[a-z0-9]+")
+# Element names of FHIR JSON are words of the dump too: never a candidate word, and never read as a typo.
+FHIR_KEYS = frozenset(
+    [
+        "resourcetype",
+        "servicerequest",
+        "id",
+        "meta",
+        "status",
+        "intent",
+        "category",
+        "priority",
+        "donotperform",
+        "code",
+        "concept",
+        "coding",
+        "system",
+        "version",
+        "display",
+        "userselected",
+        "text",
+        "orderdetail",
+        "parameter",
+        "parameterfocus",
+        "valuestring",
+        "valueboolean",
+        "valuecodeableconcept",
+        "valuequantity",
+        "valueratio",
+        "valuerange",
+        "valueperiod",
+        "quantityquantity",
+        "subject",
+        "focus",
+        "encounter",
+        "occurrencedatetime",
+        "occurrenceperiod",
+        "occurrencetiming",
+        "asneededboolean",
+        "authoredon",
+        "requester",
+        "performertype",
+        "performer",
+        "locationcode",
+        "reasoncode",
+        "reasonreference",
+        "reason",
+        "reference",
+        "insurance",
+        "supportinginfo",
+        "specimen",
+        "bodysite",
+        "bodystructure",
+        "note",
+        "authorstring",
+        "authorreference",
+        "time",
+        "patientinstruction",
+        "instructionmarkdown",
+        "instructionreference",
+        "relevanthistory",
+        "extension",
+        "modifierextension",
+        "url",
+        "identifier",
+        "type",
+        "value",
+        "basedon",
+        "replaces",
+        "requisition",
+        "instantiatescanonical",
+        "instantiatesuri",
+    ]
+)
+# JSON escapes for control characters would glue a letter to the next word ("\nDMX" -> "nDMX"): they become spaces.
+_ESCAPE = re.compile(r"\\[bfnrt]")
+
+
+def order_words(resource: dict[str, Any]) -> tuple[str, frozenset[str]]:
+    """Every word of the order's JSON, keys included (no key is a word the policy needs): lower case, no accents."""
+    text = orjson.dumps(resource).decode()
+    if "\\" in text:
+        text = _ESCAPE.sub(" ", text)
+    text = fold(text)
+    return text, frozenset(_TOKEN.findall(text.lower()))
+
+
+def might_flag(rec: Recognition, words: tuple[str, frozenset[str]]) -> bool:
+    """False only when the order holds none of the words, codes or patterns every flagging rule needs."""
+    if not rec.prefilter:
+        return True
+    text, tokens = words
+    if not rec.candidate_tokens.isdisjoint(tokens):
+        return True
+    if any(pattern.search(text) for pattern in rec.candidate_patterns):
+        return True
+    # A misspelled technique counts only beside spine words (a technique that needs them, or one that names the
+    # spine itself, is then in reach): the search runs for spine orders, not for every long word of every order.
+    if rec.candidate_typo_words and not rec.anatomy_tokens.isdisjoint(tokens):
+        ends = rec.candidate_typo_ends
+        for token in tokens:
+            if (
+                len(token) >= rec.typo_min_length
+                and (token[:3] in ends or token[-3:] in ends)
+                and token not in rec.known_words
+                and token not in FHIR_KEYS
+                and extractOne(token, rec.candidate_typo_words, scorer=OSA.distance, score_cutoff=rec.typo_max_edits)
+            ):
+                return True
+    return False
