@@ -101,7 +101,7 @@ def region_of(policy: Policy, evidence: list[Evidence]) -> str | None:
             e.region
             for e in evidence
             if e.kind == "anatomy"
-            and e.assertion == "affirmed"
+            and e.asserted
             and e.place in places
             and e.region
             and e.region != policy.recognition.anatomy
@@ -119,12 +119,12 @@ def decide(order: OrderView, policy: Policy, found: OrderEvidence) -> Verdict:
         if rule.when is not None and not _holds(rule.when, facts, witnesses):
             continue
         deciding = _unique(witnesses)
-        evidence_for = [e for e in found.items if e.pro and e.assertion == "affirmed"]
-        against = [e for e in found.items if not e.pro or e.assertion != "affirmed"]
+        evidence_for = [e for e in found.items if e.pro and e.asserted]
+        against = [e for e in found.items if not e.pro or not e.asserted]
         if rule.flags:
             evidence_for = _unique([e for e in deciding if e.pro] + evidence_for)
         else:
-            against = _unique([e for e in deciding if not e.pro or e.assertion != "affirmed"] + against)
+            against = _unique([e for e in deciding if not e.pro or not e.asserted] + against)
         billing = found.billing_codes or found.cpt_codes
         return Verdict(
             order=order,

@@ -12,7 +12,7 @@ from rapidfuzz.process import extractOne
 from . import context as ctx
 from .orders import Answer, OrderView
 from .policy.model import CodedMeaning, Meaning, Policy, Recognition, norm_code
-from .policy.schema import Assertion, EvidenceKind, Place
+from .policy.schema import ASSERTED, Assertion, EvidenceKind, Place
 from .terms import TermHit, fold, term_key
 
 PLACE_WORDS: dict[str, str] = {
@@ -51,6 +51,11 @@ class Evidence:
     def pro(self) -> bool:
         return self.kind in PRO_KINDS
 
+    @property
+    def asserted(self) -> bool:
+        """The order asserts it (plainly, or asked for explicitly)."""
+        return self.assertion in ASSERTED
+
 
 @dataclass
 class OrderEvidence:
@@ -74,7 +79,7 @@ _ASSERTION_WORDS = {
 def evidence_line(item: Evidence) -> str:
     """One piece of evidence; a mention the order does not assert says how, with the words that say so:
     "'DMX' only as history: 's/p DMX 03/2024 at chiropractic office' (order note)"."""
-    if item.assertion == "affirmed":
+    if item.asserted:
         return item.label
     how = _ASSERTION_WORDS.get(item.assertion, item.assertion)
     words = f": {quote(item.context)}" if item.context else ""
@@ -247,8 +252,19 @@ class _TextReader:
                 return "hypothetical", f"asked, not answered: {question}?"
         if self._scopes is None:
             self._scopes = ctx.scopes(self.text, self.rec.context)
+        if self.answer is not None and hit.start >= self.answer.question_end:
+            # The answer to "Has the patient had DMX?" speaks of what the question asks about: a trigger in the
+            # question qualifies the answer's mentions too ("Yes - 2023 at Spine Kinetics" is history).
+            asked = [
+                sc
+                for sc in self._scopes
+                if sc.trigger_end <= self.answer.question_end and sc.assertion not in ("affirmed", "requested")
+            ]
+            if asked:
+                question = " ".join(self.text[: self.answer.question_end].split())
+                return asked[-1].assertion, f"answer to: {question}"  # type: ignore[return-value]
         scope = ctx.assertion_at(self._scopes, hit.start, hit.end)
-        if scope is None or scope.assertion == "affirmed":
+        if scope is None:
             return "affirmed", ""
         return scope.assertion, ctx.snippet(self.text, scope, hit.start, hit.end)  # type: ignore[return-value]
 
@@ -267,7 +283,7 @@ class _TextReader:
 def _corrected(rec: Recognition, text: str) -> tuple[str, dict[tuple[int, int], str]] | None:
     """The text with each long unknown word replaced by the policy word it misspells (edit distance bounded), and
     the spans of the replacements in the new text with what was written; None when nothing was corrected."""
-    if not rec.typo_words:
+    if not rec.typo_words and not rec.abbreviations:
         return None
     folded = fold(text).lower()
     pieces: list[str] = []
@@ -276,19 +292,22 @@ def _corrected(rec: Recognition, text: str) -> tuple[str, dict[tuple[int, int], 
     size = 0
     for token in _TOKEN.finditer(folded):
         word = token.group(0)
-        if len(word) < rec.typo_min_length or not word.isalpha():
-            continue
-        base = word[:-2] if word.endswith("es") else word[:-1] if word.endswith("s") else word
-        if word in rec.known_words or base in rec.known_words:
-            continue
-        best = extractOne(word, rec.typo_words, scorer=OSA.distance, score_cutoff=rec.typo_max_edits)
-        if best is None:
-            continue
+        read_as = rec.abbreviations.get(word)
+        if read_as is None:
+            if len(word) < rec.typo_min_length or not word.isalpha() or not rec.typo_words:
+                continue
+            base = word[:-2] if word.endswith("es") else word[:-1] if word.endswith("s") else word
+            if word in rec.known_words or base in rec.known_words:
+                continue
+            best = extractOne(word, rec.typo_words, scorer=OSA.distance, score_cutoff=rec.typo_max_edits)
+            if best is None:
+                continue
+            read_as = best[0]
         pieces.append(text[last : token.start()])
         size += token.start() - last
-        spans[(size, size + len(best[0]))] = text[token.start() : token.end()]
-        pieces.append(best[0])
-        size += len(best[0])
+        spans[(size, size + len(read_as))] = text[token.start() : token.end()]
+        pieces.append(read_as)
+        size += len(read_as)
         last = token.end()
     if not spans:
         return None
@@ -299,9 +318,10 @@ def _corrected(rec: Recognition, text: str) -> tuple[str, dict[tuple[int, int], 
 def _combine(parts: list[_Mention]) -> tuple[Assertion, str]:
     """A combination is asserted only when every part is; else the first qualified part says why."""
     for part in parts:
-        if part.assertion != "affirmed":
+        if part.assertion not in ASSERTED:
             return part.assertion, part.context
-    return "affirmed", ""
+    requested = next((p for p in parts if p.assertion == "requested"), None)
+    return ("requested", requested.context) if requested else ("affirmed", "")
 
 
 _PRO_WORDS = frozenset({"technique", "ambiguous-technique", "anatomy", "billing-code"})
@@ -437,10 +457,10 @@ def collect(order: OrderView, policy: Policy) -> OrderEvidence:
     pro = any(item.kind in _PRO_WORDS for item in found.items) or any(
         isinstance(ref, Meaning) and ref.kind in _PRO_WORDS for _, _, _, hits in scanned for h in hits for ref in h.refs
     )
-    _read_texts(order, policy, found, scanned, typos=pro and bool(rec.typo_words))
+    _read_texts(order, policy, found, scanned, typos=pro and bool(rec.typo_words or rec.abbreviations))
     items = found.items
     # An acronym written in another case than listed counts only beside the evidence it needs ("dmx neck").
-    present = {e.kind for e in items if e.assertion == "affirmed" and not e.requires}
+    present = {e.kind for e in items if e.asserted and not e.requires}
     items = [e for e in items if not e.requires or e.requires & present]
     found.mentions = list(items)
     # A coded body site or diagnosis says it best; its display words in the same place add nothing.

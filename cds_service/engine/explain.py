@@ -8,9 +8,7 @@ from .evidence import evidence_line
 
 def explain_lines(verdict: Verdict) -> list[str]:
     """The evidence that decided a flagged order, as sentences for the card's "why this order matched"."""
-    deciding = [e for e in verdict.deciding if e.pro and e.assertion == "affirmed"] or [
-        e for e in verdict.evidence_for if e.assertion == "affirmed"
-    ]
+    deciding = [e for e in verdict.deciding if e.pro and e.asserted] or [e for e in verdict.evidence_for if e.asserted]
     techniques = [e.label for e in deciding if e.kind in ("technique", "ambiguous-technique")]
     billing = [e.label for e in deciding if e.kind == "billing-code"]
     anatomy = ", ".join(e.label for e in deciding if e.kind == "anatomy")

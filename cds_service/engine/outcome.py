@@ -93,7 +93,7 @@ class EvidenceRecord:
         out = {"kind": self.kind, "label": self.label, "place": self.place}
         if self.group:
             out["group"] = self.group
-        if self.assertion != "affirmed":
+        if self.assertion != "affirmed":  # "requested" and the unasserted ones are worth keeping
             out["assertion"] = self.assertion
         return out
 

@@ -503,6 +503,7 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
         typo_words=tuple(sorted(typo_words)),
         known_words=frozenset(known),
         typo_min_length=spec.typos.min_length if spec.typos else 8,
+        abbreviations=dict(spec.abbreviations),
         typo_max_edits=spec.typos.max_edits if spec.typos else 1,
     )
 
@@ -546,7 +547,7 @@ def _condition(
         return EvidenceTest(
             spec.evidence,
             frozenset(spec.in_) if spec.in_ is not None else None,
-            frozenset(spec.assertion or ("affirmed",)),
+            frozenset(spec.assertion or s.ASSERTED),
             frozenset(spec.group) if spec.group is not None else None,
         )
     for fact in _FACT_NAMES:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..terms import TermIndex
@@ -146,6 +146,7 @@ class Recognition:
     known_words: frozenset[str] = frozenset()
     typo_min_length: int = 8
     typo_max_edits: int = 1
+    abbreviations: dict[str, str] = field(default_factory=dict)
     # The cheap first pass: an order none of whose words (lower case, accents removed) is in `candidate_tokens` and
     # which matches none of `candidate_patterns` cannot meet any flagging rule of the decision table. Empty when
     # some flagging rule needs no evidence (then every order is judged in full).

@@ -27,8 +27,10 @@ EvidenceKind = Literal[
 EVIDENCE_KINDS: tuple[str, ...] = EvidenceKind.__args__  # type: ignore[attr-defined]
 
 # ConText categories (Harkema et al. 2009, "ConText: an algorithm for determining negation, experiencer, and
-# temporal status from clinical reports"), with "affirmed" for a mention the order asserts.
-Assertion = Literal["affirmed", "negated", "historical", "hypothetical", "other-experiencer"]
+# temporal status from clinical reports"), with "affirmed" for a mention the order asserts and "requested" for one
+# a trigger asks for explicitly ("repeat DMX", "please perform as kinematic MRI"). Both are asserted.
+Assertion = Literal["affirmed", "requested", "negated", "historical", "hypothetical", "other-experiencer"]
+ASSERTED: frozenset[str] = frozenset({"affirmed", "requested"})
 ASSERTIONS: tuple[str, ...] = Assertion.__args__  # type: ignore[attr-defined]
 
 Verdict = Literal["flagged", "not-flagged"]
@@ -237,7 +239,7 @@ class ContextSpec(Strict):
     """A ConText trigger: words that change what the mentions near them assert."""
 
     name: Text
-    assertion: Literal["negated", "historical", "hypothetical", "other-experiencer", "affirmed"]
+    assertion: Literal["negated", "historical", "hypothetical", "other-experiencer", "requested"]
     direction: Literal["forward", "backward", "both"]
     terms: Annotated[Terms, Field(min_length=1)]
     # How many words the trigger reaches (ConText's window); a terminator or the end of the sentence stops it sooner.
@@ -291,6 +293,10 @@ class Recognition(Strict):
     # Which evidence the context triggers and order questions qualify (the rest is always read as asserted).
     context_kinds: list[EvidenceKind] = Field(default_factory=lambda: list(_CONTEXT_KINDS))
     questions: QuestionsSpec | None = None
+    # Abbreviations read as the word they stand for ("motn" -> "motion"), like a corrected typo.
+    abbreviations: dict[
+        Annotated[str, Field(pattern=r"^[a-z0-9]+$")], Annotated[str, Field(pattern=r"^[a-z0-9 ]+$")]
+    ] = Field(default_factory=dict)
     typos: TyposSpec | None = None
 
 
