@@ -145,7 +145,8 @@ def install_timers(h: Harness) -> Timers:
     import flask
     import jwt
 
-    from cds_service import api, cards, crd, hooks, matching, terms
+    from cds_service import api, calls
+    from cds_service.engine import cards, crd, decision, evidence, hook, outcome, prefilter, terms
 
     rt = h.app.extensions["cds"]
     t = Timers()
@@ -173,20 +174,23 @@ def install_timers(h: Harness) -> Timers:
         t.wrap(rt.authenticator.jti_store, "remember", "jti store remember (database write)", 3)
     t.wrap(api, "read_json", "read body + JSON parse (+ depth check)", 2)
     t.wrap(api, "parse_hook_request", "parse_hook_request", 2)
-    t.wrap(api, "evaluate", "evaluate (the domain work)", 2)
-    t.wrap(hooks, "orders_to_judge", "read orders (orders.py)", 3)
-    t.wrap(hooks, "judge", "matching: judge (matching.py)", 3)
-    t.wrap(terms.TermIndex, "find", "term search (terms.py TermIndex.find)", 4)
-    t.wrap(cards, "build_card", "card building (cards.py)", 3)
-    t.wrap(cards, "alternative_order", "replacement order (incl. fhir.resources validation)", 4)
-    t.wrap(cards.ServiceRequestR4, "model_validate", "fhir.resources R4B ServiceRequest.model_validate", 5)
-    t.wrap(cards.ServiceRequestR5, "model_validate", "fhir.resources R5 ServiceRequest.model_validate", 5)
+    t.wrap(api, "answer", "answer (engine + coverage adapter)", 2)
+    t.wrap(calls, "assess", "engine: assess (judge every order)", 3)
+    t.wrap(hook, "judge_resource", "engine: judge one order", 4)
+    t.wrap(decision, "might_flag", "first pass (prefilter)", 5)
+    t.wrap(decision, "read_order", "read the order's places", 5)
+    t.wrap(decision, "collect", "evidence (terms, context, typos)", 5)
+    t.wrap(terms.TermIndex, "find", "term search (TermIndex.find)", 6)
+    t.wrap(evidence.ctx, "scopes", "ConText scopes", 6)
+    t.wrap(calls, "respond", "engine: respond (cards, CRD actions)", 3)
+    t.wrap(cards, "build_card", "card building", 4)
+    t.wrap(cards, "alternative_order", "replacement order", 5)
     t.wrap(rt.coverage, "resolve", "coverage lookup (prefetch)", 3)
-    t.wrap(crd, "coverage_action", "CRD coverage systemAction (deep copy of the order)", 3)
-    t.wrap(matching.Verdict, "to_dict", "audit: verdicts to dicts", 2)
-    t.wrap(api, "summarise_cards", "audit: summarise cards", 2)
+    t.wrap(crd, "coverage_action", "CRD coverage systemAction", 4)
+    t.wrap(outcome.Outcome, "verdict_records", "audit: verdict records", 2)
     t.wrap(api, "json_response", "JSON encode + Response", 2)
     t.wrap(rt.audit, "record", "audit: record (queue for the writer)", 2)
+    _ = prefilter
     t.wrap(logging.Logger, "_log", "logging (records emitted)", 2)
     return t
 

@@ -280,9 +280,28 @@ class _TextReader:
         return out
 
 
+@functools.lru_cache(maxsize=16384)
+def _read_as(rec: Recognition, word: str) -> str | None:
+    """The policy word a written word stands for: its abbreviation, or the word it misspells; None if neither.
+
+    Cached per word: order texts repeat the same words call after call, and the edit-distance search is the costly
+    part of reading an order with a typo (bounded; keyed by the policy's identity)."""
+    read_as = rec.abbreviations.get(word)
+    if read_as is not None:
+        return read_as
+    if len(word) < rec.typo_min_length or not word.isalpha() or not rec.typo_words:
+        return None
+    base = word[:-2] if word.endswith("es") else word[:-1] if word.endswith("s") else word
+    if word in rec.known_words or base in rec.known_words:
+        return None
+    best = extractOne(word, rec.typo_words, scorer=OSA.distance, score_cutoff=rec.typo_max_edits)
+    return best[0] if best is not None else None
+
+
 def _corrected(rec: Recognition, text: str) -> tuple[str, dict[tuple[int, int], str]] | None:
-    """The text with each long unknown word replaced by the policy word it misspells (edit distance bounded), and
-    the spans of the replacements in the new text with what was written; None when nothing was corrected."""
+    """The text with each abbreviation and long unknown word replaced by the policy word it stands for (edit
+    distance bounded), and the spans of the replacements in the new text with what was written; None when nothing
+    was replaced."""
     if not rec.typo_words and not rec.abbreviations:
         return None
     folded = fold(text).lower()
@@ -291,18 +310,9 @@ def _corrected(rec: Recognition, text: str) -> tuple[str, dict[tuple[int, int], 
     last = 0
     size = 0
     for token in _TOKEN.finditer(folded):
-        word = token.group(0)
-        read_as = rec.abbreviations.get(word)
+        read_as = _read_as(rec, token.group(0))
         if read_as is None:
-            if len(word) < rec.typo_min_length or not word.isalpha() or not rec.typo_words:
-                continue
-            base = word[:-2] if word.endswith("es") else word[:-1] if word.endswith("s") else word
-            if word in rec.known_words or base in rec.known_words:
-                continue
-            best = extractOne(word, rec.typo_words, scorer=OSA.distance, score_cutoff=rec.typo_max_edits)
-            if best is None:
-                continue
-            read_as = best[0]
+            continue
         pieces.append(text[last : token.start()])
         size += token.start() - last
         spans[(size, size + len(read_as))] = text[token.start() : token.end()]
