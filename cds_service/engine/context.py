@@ -20,7 +20,8 @@ from .terms import TermIndex
 # Sentence ends: ".", "!", "?" or ";" followed by a space or the end, and line breaks. A dot inside a number or an
 # abbreviation without a following space ("2.5", "C5.6") does not end a sentence.
 _SENTENCE_END = re.compile(r"[.!?;]+(?=\s|$)|\n+|\s[-\u2013\u2014]\s")
-_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+# Words a window counts: numbers (dates, claim numbers, levels) do not use up a trigger's reach.
+_WORD = re.compile(r"[^\W\d_][^\W_]*", re.UNICODE)
 
 
 @dataclass(frozen=True)

@@ -295,7 +295,11 @@ def _read_as(rec: Recognition, word: str) -> str | None:
     if word in rec.known_words or base in rec.known_words:
         return None
     best = extractOne(word, rec.typo_words, scorer=OSA.distance, score_cutoff=rec.typo_max_edits)
-    return best[0] if best is not None else None
+    if best is not None:
+        return str(best[0])
+    # A word cut short by a catalog's field length ("ANALYS"): the one policy word it begins.
+    begun = [w for w in rec.typo_words if w.startswith(word) and len(w) > len(word)]
+    return min(begun, key=len) if begun else None
 
 
 def _corrected(rec: Recognition, text: str) -> tuple[str, dict[tuple[int, int], str]] | None:
@@ -477,7 +481,9 @@ def collect(order: OrderView, policy: Policy) -> OrderEvidence:
     coded_anatomy = {e.place for e in items if e.kind == "anatomy" and e.coded}
     items = [e for e in items if e.kind != "anatomy" or e.coded or e.place not in coded_anatomy]
     # "dynamic fluoroscopy" is named once, not again as "fluoroscopy" with "dynamic".
-    named = {(e.group, e.assertion) for e in items if e.kind in ("technique", "ambiguous-technique") and not e.combo}
-    items = [e for e in items if not e.combo or (e.group, e.assertion) not in named]
+    named = {
+        (e.group, e.assertion, e.place) for e in items if e.kind in ("technique", "ambiguous-technique") and not e.combo
+    }
+    items = [e for e in items if not e.combo or (e.group, e.assertion, e.place) not in named]
     found.items = _dedupe(items)
     return found
