@@ -294,7 +294,8 @@ def _read_as(rec: Recognition, word: str) -> str | None:
     base = word[:-2] if word.endswith("es") else word[:-1] if word.endswith("s") else word
     if word in rec.known_words or base in rec.known_words:
         return None
-    best = extractOne(word, rec.typo_words, scorer=OSA.distance, score_cutoff=rec.typo_max_edits)
+    edits = rec.typo_max_edits_long if len(word) >= rec.typo_long_length else rec.typo_max_edits
+    best = extractOne(word, rec.typo_words, scorer=OSA.distance, score_cutoff=edits)
     if best is not None:
         return str(best[0])
     # A word cut short by a catalog's field length ("ANALYS"): the one policy word it begins.
@@ -382,11 +383,14 @@ def _read_texts(
                     if any(a < h.end and h.start < b for a, b in written)
                 ]
                 mentions += fixed.mentions(fixed_hits, written)
-        combos = scopes.setdefault("order" if place in rec.order_fields else number, {})
         for mention in mentions:
             ref = mention.meaning
             if ref.combo is not None:
                 combo_id, part, _size = ref.combo
+                # A note that asks for something outright ("perform on the upright unit with flexion and extension
+                # sequences") adds to the order itself: its words join the order's own fields.
+                in_order = place in rec.order_fields or mention.assertion == "requested"
+                combos = scopes.setdefault("order" if in_order else number, {})
                 combos.setdefault(combo_id, {}).setdefault(part, mention)
                 combo_meanings[combo_id] = ref
                 continue

@@ -505,6 +505,8 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
         typo_min_length=spec.typos.min_length if spec.typos else 8,
         abbreviations=dict(spec.abbreviations),
         typo_max_edits=spec.typos.max_edits if spec.typos else 1,
+        typo_long_length=spec.typos.two_edits_from or 99 if spec.typos else 99,
+        typo_max_edits_long=2 if spec.typos and spec.typos.two_edits_from else 1,
     )
 
 

@@ -146,6 +146,8 @@ class Recognition:
     known_words: frozenset[str] = frozenset()
     typo_min_length: int = 8
     typo_max_edits: int = 1
+    typo_long_length: int = 99
+    typo_max_edits_long: int = 1
     abbreviations: dict[str, str] = field(default_factory=dict)
     # The cheap first pass: an order none of whose words (lower case, accents removed) is in `candidate_tokens` and
     # which matches none of `candidate_patterns` cannot meet any flagging rule of the decision table. Empty when

@@ -257,8 +257,10 @@ class TyposSpec(Strict):
     """Typos beyond the listed misspellings: a long word within `max_edits` edits (insertions, deletions,
     substitutions, transpositions) of a word of the policy's terms is read as that word."""
 
-    min_length: Annotated[int, Field(ge=5, le=30)] = 8
+    min_length: Annotated[int, Field(ge=4, le=30)] = 8
     max_edits: Annotated[int, Field(ge=1, le=2)] = 1
+    # Longer words may carry two edits ("analisys" for "analysis"): from this length on.
+    two_edits_from: Annotated[int | None, Field(ge=6, le=30)] = None
     # Whose words a typo may stand for.
     kinds: Annotated[list[EvidenceKind], Field(min_length=1)]
 
