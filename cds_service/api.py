@@ -144,7 +144,7 @@ def discovery_document(rt: Runtime) -> list[dict[str, Any]]:
                 "title": service.title,
                 "description": service.description,
                 "prefetch": {name: key.query for name, key in service.prefetch.items()},
-                "extension": {crd.CONFIG_OPTIONS_KEY: crd.configuration_options(service)},
+                "extension": crd.service_extension(service),
             }
         )
     return services

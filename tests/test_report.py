@@ -320,7 +320,7 @@ def test_end_to_end_through_the_hooks_and_the_feedback_endpoint(db_url: str) -> 
         {
             "card": lumbar["uuid"],
             "outcome": "accepted",
-            "acceptedSuggestions": [{"id": lumbar["suggestions"][1]["uuid"]}],
+            "acceptedSuggestions": [{"id": lumbar["suggestions"][0]["uuid"]}],
             "outcomeTimestamp": at(1),
         },
         {
