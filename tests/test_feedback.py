@@ -207,9 +207,8 @@ def test_feedback_is_linked_to_its_card_and_stored_once(client: FlaskClient, db_
     assert row.outcome_timestamp == datetime(2026, 11, 2, 10, 15, tzinfo=UTC)
     # Same card, a different item (a later override): stored too; the same item twice in one POST: once.
     later = overridden(card["uuid"], comment="patient in the KineGraph trial", at="2026-11-02T11:00:00Z")
-    third = client.post(
-        f"/cds-services/{SIGN}/feedback", json={"feedback": [later, later, accepted(card["uuid"], switch, at="2026-11-02T12:00:00Z")]}
-    )
+    again_accepted = accepted(card["uuid"], switch, at="2026-11-02T12:00:00Z")
+    third = client.post(f"/cds-services/{SIGN}/feedback", json={"feedback": [later, later, again_accepted]})
     assert third.get_json() == {"stored": 2, "duplicates": 1, "unknownCards": []}
     assert len(table_rows(db_url, feedback)) == 3
 

@@ -162,6 +162,217 @@ def test_replacement_is_a_valid_r4_service_request(client: FlaskClient) -> None:
     ServiceRequest.model_validate(card["suggestions"][0]["actions"][1]["resource"])
 
 
+# --- hook semantics --------------------------------------------------------------------------------------------
+
+
+def test_order_select_judges_only_the_selected_orders(client: FlaskClient) -> None:
+    orders = [dsv("a"), dsv("b"), b.service_request("lab", text="CBC")]
+    body = b.hook_request("order-select", orders, selections=["ServiceRequest/b", "ServiceRequest/lab"])
+    cards = post(client, SELECT, body).get_json()["cards"]
+    assert [c["extension"]["davinci-crd.associated-resource"][0]["reference"] for c in cards] == ["ServiceRequest/b"]
+
+
+def test_order_select_without_the_dsv_order_selected_gives_no_guidance(client: FlaskClient) -> None:
+    body = b.hook_request("order-select", [dsv(), b.medication_request()], selections=["MedicationRequest/med1"])
+    assert post(client, SELECT, body).get_json() == {"cards": [], "systemActions": []}
+
+
+def test_order_sign_judges_every_order_one_card_each(client: FlaskClient) -> None:
+    orders = [dsv("a"), b.medication_request(), dsv("b"), b.service_request("x", text="MRI lumbar spine")]
+    cards = post(client, SIGN, b.hook_request("order-sign", orders)).get_json()["cards"]
+    refs = [c["extension"]["davinci-crd.associated-resource"][0]["reference"] for c in cards]
+    assert refs == ["ServiceRequest/a", "ServiceRequest/b"]
+    assert len({c["uuid"] for c in cards}) == 2
+
+
+def test_same_order_listed_twice_gets_one_card(client: FlaskClient) -> None:
+    cards = post(client, SIGN, b.hook_request("order-sign", [dsv(), dsv()])).get_json()["cards"]
+    assert len(cards) == 1
+
+
+def test_other_resource_types_are_skipped_without_complaint(client: FlaskClient) -> None:
+    odd = [
+        {"resourceType": "NutritionOrder", "id": "n"},
+        {"resourceType": "DeviceRequest", "id": "d", "codeCodeableConcept": {"text": "DMX"}},
+        {"resourceType": "VisionPrescription"},
+        {"no": "type"},
+    ]
+    body = b.hook_request("order-sign", [*odd, b.medication_request()])
+    assert post(client, SIGN, body).get_json() == {"cards": [], "systemActions": []}
+
+
+def test_sloppy_sandbox_shapes_are_tolerated(client: FlaskClient) -> None:
+    body = b.hook_request("order-sign", [dsv()])
+    del body["context"]["draftOrders"]["type"]  # the sandbox sends no Bundle.type
+    order = body["context"]["draftOrders"]["entry"][0]["resource"]
+    order["category"] = {"text": "Imaging"}  # an object where an array belongs
+    order["bodySite"] = order["bodySite"][0]  # here too, in a field the service reads
+    order["note"] = "not an array"
+    body["context"]["draftOrders"]["entry"].append(
+        {"resource": {"resourceType": "ServiceRequest", "code": {"coding": [{}]}}}
+    )
+    body["context"]["draftOrders"]["entry"].append("garbage")
+    response = post(client, SIGN, body)
+    assert response.status_code == 200
+    assert len(response.get_json()["cards"]) == 1
+
+
+def test_half_written_order_select_does_not_fail(client: FlaskClient) -> None:
+    order = {"resourceType": "ServiceRequest", "id": "h", "status": "draft", "code": {"coding": [{}]}}
+    body = b.hook_request("order-select", [order], selections=["ServiceRequest/h"])
+    assert post(client, SELECT, body).get_json() == {"cards": [], "systemActions": []}
+
+
+# --- errors ----------------------------------------------------------------------------------------------------
+
+
+def assert_outcome(response: Any, status: int, fragment: str = "") -> None:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.headers["Content-Type"] == "application/json"
+    body = response.get_json()
+    assert body["resourceType"] == "OperationOutcome"
+    issue = body["issue"][0]
+    assert issue["severity"] == "error" and issue["code"]
+    assert fragment.lower() in issue["diagnostics"].lower()
+
+
+def valid() -> dict[str, Any]:
+    return b.hook_request("order-sign", [dsv()])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda body: body.pop("hook"), "hook"),
+        (lambda body: body.pop("hookInstance"), "hookInstance"),
+        (lambda body: body.pop("context"), "context"),
+        (lambda body: body.update(hook="order-select"), "order-sign"),
+        (lambda body: body.update(hook=42), "hook"),
+        (lambda body: body.update(hookInstance="not-a-uuid"), "UUID"),
+        (lambda body: body.update(context=[1, 2]), "context"),
+        (lambda body: body["context"].pop("draftOrders"), "draftOrders"),
+        (lambda body: body["context"].update(draftOrders={"resourceType": "Patient"}), "Bundle"),
+        (lambda body: body["context"].update(draftOrders=[]), "Bundle"),
+    ],
+)
+def test_unusable_requests_are_400(client: FlaskClient, mutate: Any, fragment: str) -> None:
+    body = valid()
+    mutate(body)
+    assert_outcome(post(client, SIGN, body), 400, fragment)
+
+
+def test_order_select_without_selections_is_400(client: FlaskClient) -> None:
+    body = b.hook_request("order-select", [dsv()])
+    del body["context"]["selections"]
+    assert_outcome(post(client, SELECT, body), 400, "selections")
+    body["context"]["selections"] = {"a": 1}
+    assert_outcome(post(client, SELECT, body), 400, "selections")
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"[1, 2]", b'"text"', b"{", b"\xff\xfe{}", b"null"])
+def test_non_json_or_non_object_bodies_are_400(client: FlaskClient, raw: bytes) -> None:
+    response = client.post(f"/cds-services/{SIGN}", data=raw, content_type="application/json")
+    assert_outcome(response, 400)
+
+
+def test_unknown_service_is_404(client: FlaskClient) -> None:
+    assert_outcome(post(client, "no-such-service", valid()), 404, "no-such-service")
+    assert_outcome(client.get("/nothing/here"), 404)
+
+
+def test_wrong_method_is_405_with_allow(client: FlaskClient) -> None:
+    response = client.get(f"/cds-services/{SIGN}")
+    assert_outcome(response, 405)
+    assert "POST" in response.headers["Allow"]
+    assert_outcome(client.put("/cds-services"), 405)
+
+
+def test_body_over_5_mb_is_413(client: FlaskClient) -> None:
+    body = valid()
+    body["padding"] = "x" * (5 * 1024 * 1024)
+    response = client.post(f"/cds-services/{SIGN}", data=json.dumps(body), content_type="application/json")
+    assert_outcome(response, 413)
+
+
+def test_jwt_mode_without_a_token_is_401(tmp_path: Any) -> None:
+    from cds_service import create_app
+
+    app = create_app({"AUTH": "jwt", "DATABASE_URL": f"sqlite:///{tmp_path / 'j.db'}"})
+    response = app.test_client().post(f"/cds-services/{SIGN}", json=valid())
+    assert_outcome(response, 401)
+    assert response.get_json()["issue"][0]["diagnostics"] == "Unauthorized."
+
+
+def test_service_responses_carry_security_headers(client: FlaskClient) -> None:
+    for response in (post(client, SIGN, valid()), post(client, SIGN, {"x": 1})):
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"intent": ["order"], "priority": {"x": 1}},
+        {"extension": 5},
+        {
+            "extension": [
+                {
+                    "url": "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/ext-coverage-information",
+                    "extension": {"url": "coverage", "valueReference": "Coverage/c"},
+                }
+            ]
+        },
+        {"code": {"coding": [{"system": b.CPT, "code": "."}, {"system": b.CPT, "code": 76496}], "text": "DMX"}},
+        {"subject": "Patient/pat-1", "requester": ["x"], "encounter": 3},
+    ],
+)
+def test_odd_shapes_inside_a_flagged_order_never_fail(client: FlaskClient, fields: dict[str, Any]) -> None:
+    order = dsv(**fields)
+    prefetch = {
+        "coverage": {
+            "resourceType": "Bundle",
+            "entry": {"resource": {"resourceType": "Coverage", "id": "c"}},
+            "link": 7,
+        }
+    }
+    response = post(client, SIGN, b.hook_request("order-sign", [order], prefetch=prefetch))
+    assert response.status_code == 200
+    assert len(response.get_json()["cards"]) == 1
+
+
+def test_refused_and_oversized_calls_are_audited(app: Any, client: FlaskClient) -> None:
+    seen = []
+    app.extensions["cds"].audit = type("Sink", (), {"record": lambda self, call: seen.append(call)})()
+    post(client, SIGN, {"hook": "order-sign"})
+    client.post(f"/cds-services/{SIGN}", data=b"x" * (5 * 1024 * 1024 + 1), content_type="application/json")
+    post(client, SIGN, valid())
+    assert [(c.status, bool(c.error)) for c in seen] == [(400, True), (413, True), (200, False)]
+
+
+def test_selections_may_be_absolute_urls(client: FlaskClient) -> None:
+    body = b.hook_request(
+        "order-select", [dsv("a"), dsv("b")], selections=["https://ehr.example.org/fhir/ServiceRequest/b"]
+    )
+    cards = post(client, SELECT, body).get_json()["cards"]
+    assert [c["extension"]["davinci-crd.associated-resource"][0]["reference"] for c in cards] == ["ServiceRequest/b"]
+
+
+def test_malformed_copied_reasons_are_left_out_of_the_replacement(client: FlaskClient) -> None:
+    order = b.service_request(
+        "r",
+        text="DMX cervical spine",
+        reasonCode=[{"coding": [{"system": 5, "code": []}]}],
+        category=[{"coding": "imaging"}],
+    )
+    card = post(client, SIGN, b.hook_request("order-sign", [order])).get_json()["cards"][0]
+    resource = card["suggestions"][0]["actions"][1]["resource"]
+    assert "reasonCode" not in resource
+    assert resource["category"][0]["coding"][0]["code"] == "363679005"
+    from fhir.resources.R4B.servicerequest import ServiceRequest
+
+    ServiceRequest.model_validate(resource)
+
+
 def test_replacement_keeps_valid_copied_reasons_and_category(client: FlaskClient) -> None:
     reason = {"coding": [{"system": b.ICD10, "code": "M54.2", "display": "Cervicalgia"}]}
     category = {"coding": [{"system": b.SNOMED, "code": "363679005", "display": "Imaging"}], "text": "Radiology"}
