@@ -361,8 +361,10 @@ def test_malformed_copied_reasons_are_left_out_of_the_replacement(client: FlaskC
     order = b.service_request(
         "r",
         text="DMX cervical spine",
+        # Read as meant by the engine (a number for a system, an empty array for no code), yet not valid FHIR to
+        # copy into the replacement order.
         reasonCode=[{"coding": [{"system": 5, "code": []}]}],
-        category=[{"coding": "imaging"}],
+        category=[{"coding": {"code": "imaging"}, "text": ""}],
     )
     card = post(client, SIGN, b.hook_request("order-sign", [order])).get_json()["cards"][0]
     resource = card["suggestions"][0]["actions"][1]["resource"]

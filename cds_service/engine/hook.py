@@ -11,7 +11,7 @@ from .cards import CardMaker
 from .decision import Verdict, judge
 from .outcome import Outcome
 from .policy.model import Service
-from .request import HookRequest, orders_to_judge
+from .request import HookRequest
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Assessment:
 
 def assess(request: HookRequest, service: Service) -> Assessment:
     """Judge every order the hook asks about against every policy of the service."""
-    verdicts = [judge(order, policy) for order in orders_to_judge(request) for policy in service.policies]
+    verdicts = [judge(order, policy) for order in request.orders for policy in service.policies]
     return Assessment(request, service, verdicts, crd.read_configuration(request.extension))
 
 
