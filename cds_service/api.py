@@ -116,7 +116,7 @@ def call_service(service_id: str) -> Response:
         record.hook_instance = hook_request.hook_instance
         record.user_id = hook_request.user_id
         record.patient_id = hook_request.patient_id
-        outcome = answer(hook_request, service, rt.coverage)
+        outcome = answer(hook_request, service, rt.coverage, new_uuid=lambda: rt.card_id(service_id))
     except ServiceError as exc:
         _audit_failure(rt, record, started, exc.status, exc.message)
         raise
