@@ -6,6 +6,11 @@ import re
 
 # Characters that start markdown or HTML constructs (GitHub-flavoured markdown, raw HTML allowed by the sandbox).
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|!~])")
+# GFM autolink literals (www.x.org, http(s)://..., a@b.org, mailto:/xmpp: addresses) become links from plain text,
+# and a backslash does not stop them (remark-gfm finds them in the text after escapes are read). A WORD JOINER
+# (U+2060: invisible, no width, no line break) between "www"/the scheme and what follows, and before "@", does.
+_WORD_JOINER = "\u2060"
+_AUTOLINK = re.compile(r"(?i)(?<=www)(?=\.)|(?=://)|(?=@)")
 # A markdown link's target: "[label](https://...)" reads as its label only.
 _LINK_TARGET = re.compile(r"\]\([^)\s]*\)")
 _WORD = re.compile(r"\w")
@@ -18,7 +23,8 @@ MAX_DETAIL_WORDS = 120
 
 def md(text: str) -> str:
     """Client text shown as text: no markdown of the client's (links, images, HTML) renders in the EHR's card."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(text.split()))
+    escaped = _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(text.split()))
+    return _AUTOLINK.sub(_WORD_JOINER, escaped)
 
 
 def word_count(markdown: str) -> int:
