@@ -16,6 +16,7 @@ from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
+from ..markdown import MAX_DETAIL_WORDS, word_count
 from ..terms import TermError, TermIndex, fold, term_key
 from . import schema as s
 from .model import (
@@ -661,6 +662,20 @@ def _compile(c: _Compiler, spec: s.PolicyFile, digest: str) -> Policy:
         if instructions
         else None,
     )
+    # The detail holds the order's name (at most 12 words) and why it matched besides these words: they may take at
+    # most two thirds of the card's MAX_DETAIL_WORDS, so the whole reads without scrolling.
+    instead = max([text.guideline_instead, *(a.instead for a in alternatives.values())], key=word_count)
+    links = " ".join(link.detail for link in text.links if link.detail)
+    own = word_count(" ".join([text.matched, "What to do:", instead, text.position, text.evidence, text.footer, links]))
+    if own > MAX_DETAIL_WORDS * 2 // 3:
+        c.problem(
+            ("card",),
+            f"the card's own words (matched, instead, position, evidence, footer, link labels) come to {own}; at most "
+            f"{MAX_DETAIL_WORDS * 2 // 3} leave room for the order's name and why it matched in "
+            f"{MAX_DETAIL_WORDS} words",
+        )
+    if text.instructions_detail and word_count(text.instructions_detail) > MAX_DETAIL_WORDS - 12:
+        c.problem(("card", "instructions", "detail"), f"at most {MAX_DETAIL_WORDS - 12} words")
     if text.instructions_summary and len(text.instructions_summary) > SUMMARY_LIMIT:
         c.problem(("card", "instructions", "summary"), "a card summary must be under 140 characters")
     topics = [text.guideline_topic.code, text.alternative_topic.code]
