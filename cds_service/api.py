@@ -34,8 +34,30 @@ def json_response(body: Any, status: int = 200) -> Response:
 # stay far below the interpreter's recursion limit of 1000). Real CDS Hooks requests nest fewer than 20 levels.
 
 
+def require_json_content_type() -> None:
+    """415 for a body declared as anything but JSON; a missing Content-Type is read as JSON.
+
+    CDS Hooks 2.0 calls and feedback are "application/json"; FHIR's "application/fhir+json" and any other "+json"
+    type (RFC 6839 structured syntax suffix) are JSON too, with or without parameters such as charset. A text/plain
+    or form body is what a browser may send cross-origin without a CORS preflight: refusing it keeps such a page
+    from calling the service unasked. (Flask's own get_json refuses non-JSON types the same way.)
+    """
+    if not request.content_type:
+        return
+    mimetype = request.mimetype  # lower case, parameters removed
+    if mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json")):
+        return
+    raise ServiceError(
+        415,
+        f"The request body must be JSON (Content-Type application/json), not {request.mimetype[:100]!r}.",
+        expression="Content-Type",
+    )
+
+
 def read_json() -> Any:
-    """The request body as JSON: 413 over the size limit (before parsing), 400 when it is not JSON or too deep."""
+    """The request body as JSON: 415 when declared as another type, 413 over the size limit (before parsing), 400
+    when it is not JSON or too deep."""
+    require_json_content_type()
     data = request.get_data(cache=False)  # 413 when Content-Length is over MAX_CONTENT_LENGTH, before reading
     limit = request.max_content_length
     # A streamed (chunked) body is cut at the limit without an error (werkzeug's LimitedStream.readall stops there):
@@ -94,7 +116,7 @@ def call_service(service_id: str) -> Response:
         record.hook_instance = hook_request.hook_instance
         record.user_id = hook_request.user_id
         record.patient_id = hook_request.patient_id
-        outcome = answer(hook_request, service, rt.coverage)
+        outcome = answer(hook_request, service, rt.coverage, new_uuid=lambda: rt.card_id(service_id))
     except ServiceError as exc:
         _audit_failure(rt, record, started, exc.status, exc.message)
         raise
@@ -144,7 +166,7 @@ def discovery_document(rt: Runtime) -> list[dict[str, Any]]:
                 "title": service.title,
                 "description": service.description,
                 "prefetch": {name: key.query for name, key in service.prefetch.items()},
-                "extension": {crd.CONFIG_OPTIONS_KEY: crd.configuration_options(service)},
+                "extension": crd.service_extension(service),
             }
         )
     return services

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date
 
 from .engine import HookRequest, Outcome, Service, assess, respond
@@ -9,7 +10,11 @@ from .fhir_client import CoverageFinder
 
 
 def answer(
-    request: HookRequest, service: Service, coverage: CoverageFinder | None, today: date | None = None
+    request: HookRequest,
+    service: Service,
+    coverage: CoverageFinder | None,
+    today: date | None = None,
+    new_uuid: Callable[[], str] | None = None,
 ) -> Outcome:
     """Judge the orders; only when one is flagged read what the answer needs (prefetch first, then the FHIR server).
 
@@ -22,4 +27,4 @@ def answer(
         coverage.require(request, service.prefetch)
         if assessment.wants_coverage:
             found = coverage.resolve(request, service.prefetch)
-    return respond(assessment, found, today or date.today())
+    return respond(assessment, found, today or date.today(), new_uuid)

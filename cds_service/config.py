@@ -20,6 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "ALLOW_HTTP_FHIR": False,
     "MAX_BODY_BYTES": 5 * 1024 * 1024,
     "AUDIT": True,
+    "CARD_ID_KEY": None,  # None: a key made once in the database (marks card uuids as this service's)
     "LOG_LEVEL": "INFO",
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,8 @@ class Runtime:
     discovery: list[dict[str, Any]] = field(default_factory=list)
     # Reports the store's state for /health and /ready ({} when there is no store).
     health: Callable[[], dict[str, Any]] = dict
+    # Card uuids for a service id: marked as this service's when there is a store (store.card_ids), else random.
+    card_id: Callable[[str], str] = field(default=lambda _service: str(uuid.uuid4()))
 
     @property
     def public_url(self) -> str:
@@ -51,4 +54,5 @@ def build_runtime(settings: dict[str, Any], *, offline: bool = False, store: Sto
     if store is not None:
         rt.audit = store.audit
         rt.health = store.health
+        rt.card_id = store.card_ids.mint
     return rt

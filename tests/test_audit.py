@@ -70,8 +70,8 @@ def test_a_call_is_audited_once_with_what_it_judged_and_returned(app: Flask, cli
     [card] = response.get_json()["cards"]
     assert [c["uuid"] for c in row.cards] == [card["uuid"]]
     assert [s["uuid"] for s in row.cards[0]["suggestions"]] == [s["uuid"] for s in card["suggestions"]]
-    assert [s["actions"] for s in row.cards[0]["suggestions"]] == [["delete"], ["delete", "create"]]
-    assert row.cards[0]["rule"] == "technique-named" and row.cards[0]["kind"] == "guideline"
+    assert [s["actions"] for s in row.cards[0]["suggestions"]] == [["delete", "create"]]
+    assert row.cards[0]["rule"] == "technique-named" and row.cards[0]["kind"] == "alternative"
     assert isinstance(row.system_actions, list) and isinstance(row.coverage_assertions, list)
     assert [r.card_uuid for r in rows(db_url, "SELECT card_uuid FROM audit_card")] == [card["uuid"]]
 

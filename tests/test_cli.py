@@ -140,3 +140,15 @@ def test_built_wheel_finds_its_policy_files_from_another_folder(tmp_path: Path) 
     assert str(target) in check.stdout
     evaluated = run("evaluate", str(DSV_REQUEST), cwd=elsewhere, env=env)
     assert evaluated.returncode == 0 and len(json.loads(evaluated.stdout)["cards"]) == 1
+
+
+def test_check_policy_refuses_card_text_too_long_to_scan(tmp_path: Path) -> None:
+    # The card's own words must leave room for the order's name and why it matched within 120 words.
+    policy = (ROOT / "cards" / "dynamic-spinal-visualization.yaml").read_text()
+    long_evidence = "Long evidence. " * 60
+    marker = "    No study shows that it improves diagnosis or outcomes, and no guideline recommends it.\n"
+    assert marker in policy
+    (tmp_path / "long.yaml").write_text(policy.replace(marker, f"    {long_evidence}\n"))
+    broken = run("check-policy", str(tmp_path))
+    assert broken.returncode == 1
+    assert "long.yaml: card" in broken.stdout and "leave room for the order's name" in broken.stdout

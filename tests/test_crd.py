@@ -256,18 +256,27 @@ def test_plain_http_and_other_schemes_are_refused_unless_allowed(tmp_path: Path)
 # --- configuration ---------------------------------------------------------------------------------------------
 
 
-def test_discovery_lists_crd_configuration_options(client: FlaskClient) -> None:
+def test_discovery_lists_crd_configuration_options_and_versions(client: FlaskClient) -> None:
     for service in client.get("/cds-services").get_json()["services"]:
         options = {o["code"]: o for o in service["extension"]["davinci-crd.configuration-options"]}
         assert options["coverage-info"]["type"] == "boolean" and options["coverage-info"]["default"] is True
         assert options["max-cards"]["type"] == "integer"
-        assert options["guideline"]["type"] == "boolean"
+        # CRD dev-5: a boolean per card type returned; the Instructions card is off unless the EHR asks.
+        assert options["therapy-alternatives-opt"]["default"] is True and options["guideline"]["default"] is True
+        assert options["instructions"]["type"] == "boolean" and options["instructions"]["default"] is False
         assert all({"code", "type", "name", "description", "default"} <= set(o) for o in options.values())
+        # CRD 2.2 dev-1/dev-2: every supported version, as the first two nodes.
+        assert service["extension"]["davinci-crd.version"] == ["2.0", "2.2"]
 
 
-def configured(client: FlaskClient, config: dict[str, Any], orders: list[dict[str, Any]]) -> dict[str, Any]:
+def configured(
+    client: FlaskClient, config: dict[str, Any], orders: list[dict[str, Any]], **extension: Any
+) -> dict[str, Any]:
     return sign(
-        client, orders, prefetch={"coverage": coverage("cov-1")}, extension={"davinci-crd.configuration": config}
+        client,
+        orders,
+        prefetch={"coverage": coverage("cov-1")},
+        extension={"davinci-crd.configuration": config, **extension},
     )
 
 
@@ -276,9 +285,30 @@ def test_coverage_info_false_drops_system_actions(client: FlaskClient) -> None:
     assert data["systemActions"] == [] and len(data["cards"]) == 1
 
 
+def test_one_card_per_order_by_default_of_one_crd_card_type(client: FlaskClient) -> None:
+    unknown_region = dsv("u", code={"text": "DMX study"}, bodySite=[])
+    cards = configured(client, {}, [dsv(), unknown_region])["cards"]
+    assert [c["source"]["topic"]["code"] for c in cards] == ["therapy-alternatives-opt", "guideline"]
+
+
 def test_card_type_false_drops_those_cards(client: FlaskClient) -> None:
-    data = configured(client, {"guideline": False}, [dsv()])
+    # Without the alternative card the order gets the External Reference card; without both, none.
+    [card] = configured(client, {"therapy-alternatives-opt": False}, [dsv()])["cards"]
+    assert card["source"]["topic"]["code"] == "guideline" and card["links"] and "suggestions" not in card
+    data = configured(client, {"therapy-alternatives-opt": False, "guideline": False}, [dsv()])
     assert data["cards"] == [] and len(data["systemActions"]) == 1
+
+
+def test_instructions_true_adds_the_instructions_card(client: FlaskClient) -> None:
+    alternative, instructions = configured(client, {"instructions": True}, [dsv()])["cards"]
+    assert alternative["source"]["topic"]["code"] == "therapy-alternatives-opt"
+    # CRD cards.html#instructions-response-type; the kit's instructions_response_type?: no links, no suggestions.
+    assert "links" not in instructions and "suggestions" not in instructions
+    assert instructions["source"]["topic"]["code"] == "claim" and instructions["indicator"] == "info"
+    detail = instructions["detail"]
+    assert "deny the claim" in detail and "billed" in detail and "exception" in detail and "research" in detail
+    assert instructions["extension"] == alternative["extension"]
+    assert configured(client, {"instructions": False}, [dsv()])["cards"].__len__() == 1
 
 
 def test_max_cards_caps_cards_and_unknown_keys_are_ignored(client: FlaskClient) -> None:
@@ -293,9 +323,26 @@ def test_card_source_names_the_payer_and_a_crd_card_type(client: FlaskClient) ->
     assert card["source"]["label"] == "Example Health Plan"
     assert card["source"]["topic"] == {
         "system": "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp",
-        "code": "guideline",
-        "display": "Guideline",
+        "code": "therapy-alternatives-opt",
+        "display": "Optional Therapy Alternatives",
     }
+
+
+@pytest.mark.parametrize(
+    ("requested", "system"),
+    [
+        (None, "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp"),
+        ("2.0", "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp"),
+        ("2.2", "http://terminology.hl7.org/CodeSystem/cdshooks-card-type"),
+        ("9.9", "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp"),
+    ],
+)
+def test_the_card_type_system_follows_the_requested_crd_version(
+    client: FlaskClient, requested: str | None, system: str
+) -> None:
+    extension = {"davinci-crd.requestedVersion": requested} if requested else {}
+    cards = configured(client, {"instructions": True}, [dsv()], **extension)["cards"]
+    assert {card["source"]["topic"]["system"] for card in cards} == {system}
 
 
 # --- required prefetch: 412 ------------------------------------------------------------------------------------

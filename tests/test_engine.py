@@ -630,12 +630,11 @@ def test_a_hook_call_answers_with_the_policys_card_and_replacement() -> None:
     assert card["summary"] == SUMMARY
     assert card["source"]["label"] == "Test Payer"
     assert card["detail"].endswith("*Policy T-01 (version 1.2.3). Report a false alarm with the reason not-zeta.*")
-    assert "Suggested here: plain radiographs of the arm." in card["detail"]
-    assert [s["label"] for s in card["suggestions"]] == [
-        "Remove the zeta scan",
-        "Replace with plain radiographs of the arm",
-    ]
-    [_, create] = card["suggestions"][1]["actions"]
+    assert "Order plain radiographs of the arm instead" in card["detail"]
+    # One card per order, of one CRD card type: the alternative (one delete-and-create suggestion, no links).
+    assert [s["label"] for s in card["suggestions"]] == ["Replace with plain radiographs of the arm"]
+    assert "links" not in card
+    [_, create] = card["suggestions"][0]["actions"]
     assert create["resource"]["code"]["coding"][0]["code"] == "XR-ARM"
     assert create["resource"]["note"] == [
         {"text": "Replaces Zeta scan: the zeta scan is investigational under policy T-01."}

@@ -194,7 +194,7 @@ def test_unknown_service_is_404(client: FlaskClient) -> None:
 
 def test_feedback_is_linked_to_its_card_and_stored_once(client: FlaskClient, db_url: str) -> None:
     card = shown_card(client)
-    remove, switch = (s["uuid"] for s in card["suggestions"])
+    [switch] = (s["uuid"] for s in card["suggestions"])
     body = {"feedback": [accepted(card["uuid"], switch)]}
     first = client.post(f"/cds-services/{SIGN}/feedback", json=body)
     assert first.status_code == 200
@@ -207,9 +207,8 @@ def test_feedback_is_linked_to_its_card_and_stored_once(client: FlaskClient, db_
     assert row.outcome_timestamp == datetime(2026, 11, 2, 10, 15, tzinfo=UTC)
     # Same card, a different item (a later override): stored too; the same item twice in one POST: once.
     later = overridden(card["uuid"], comment="patient in the KineGraph trial", at="2026-11-02T11:00:00Z")
-    third = client.post(
-        f"/cds-services/{SIGN}/feedback", json={"feedback": [later, later, accepted(card["uuid"], remove)]}
-    )
+    again_accepted = accepted(card["uuid"], switch, at="2026-11-02T12:00:00Z")
+    third = client.post(f"/cds-services/{SIGN}/feedback", json={"feedback": [later, later, again_accepted]})
     assert third.get_json() == {"stored": 2, "duplicates": 1, "unknownCards": []}
     assert len(table_rows(db_url, feedback)) == 3
 

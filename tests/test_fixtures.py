@@ -30,6 +30,10 @@ def normalise(value: Any, seen: set[str], key: str = "") -> Any:
             assert value["valueString"] not in seen, "coverage-assertion-id repeated"
             seen.add(value["valueString"])
             return {**value, "valueString": "<assertion-id>"}
+        authored = value.get("authoredOn")
+        # A replacement order is authored on the day of the call (a client's own order keeps its own time).
+        if value.get("resourceType") == "ServiceRequest" and re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(authored)):
+            value = {**value, "authoredOn": "<date>"}
         if value.get("url") == "date" and "valueDate" in value:
             assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", value["valueDate"])
             return {**value, "valueDate": "<date>"}

@@ -62,21 +62,22 @@ def test_order_sign_card_has_every_part(client: FlaskClient) -> None:
     data = response.get_json()
     assert set(data) == {"cards", "systemActions"}
     assert data["systemActions"] == []  # no Coverage known: no coverage assertion
-    [card] = data["cards"]
+    [card] = data["cards"]  # one card per order by default: the Propose Alternate Request card
     assert UUID.match(card["uuid"])
     assert card["indicator"] == "warning"
     assert len(card["summary"]) < 140
     assert "investigational" in card["summary"].lower() and "flexion/extension" in card["summary"]
     detail = card["detail"]
-    assert "investigational" in detail and "evidence" in detail.lower()
-    # Why this order matched, in words a clinician can check.
+    # What matched, first, naming the order by what was ordered (never its id); then what to do; then the policy.
+    assert detail.startswith("**Unlisted fluoroscopic procedure** is dynamic spinal visualization")
     assert "CPT 76496 Unlisted fluoroscopic procedure with body site Cervical spine (SNOMED 122494005)" in detail
+    assert detail.index("What to do") < detail.index("investigational")
+    assert "ServiceRequest/" not in detail and "dsv1" not in detail
+    assert "[evidence](https://" in detail  # the evidence is behind its link, not on the card
     source = card["source"]
     assert source["label"] and source["url"].startswith("https://")
-    assert {"system", "code"} <= set(source["topic"])
-    assert card["links"] and all(
-        link["type"] == "absolute" and link["url"].startswith("https://") for link in card["links"]
-    )
+    assert source["topic"]["code"] == "therapy-alternatives-opt" and "system" in source["topic"]
+    assert "links" not in card  # CRD 2.2 CRDCDSHooksAlternateResponse: links 0..0
     assert card["selectionBehavior"] == "at-most-one"
     assert card["extension"] == {"davinci-crd.associated-resource": [{"reference": "ServiceRequest/dsv1"}]}
     reasons = card["overrideReasons"]
@@ -87,13 +88,10 @@ def test_order_sign_card_has_every_part(client: FlaskClient) -> None:
     assert all(value not in (None, "", [], {}) for value in card.values())
 
 
-def test_suggestions_remove_or_replace_with_flexion_extension_radiographs(client: FlaskClient) -> None:
+def test_the_one_suggestion_replaces_the_order_with_flexion_extension_radiographs(client: FlaskClient) -> None:
     card = post(client, SIGN, b.hook_request("order-sign", [dsv()])).get_json()["cards"][0]
-    remove, replace = card["suggestions"]
-    assert all(UUID.match(s["uuid"]) for s in (remove, replace))
-    assert remove["actions"] == [
-        {"type": "delete", "description": remove["actions"][0]["description"], "resourceId": "ServiceRequest/dsv1"}
-    ]
+    [replace] = card["suggestions"]
+    assert UUID.match(replace["uuid"]) and replace["isRecommended"] is True
     delete, create = replace["actions"]
     assert delete["type"] == "delete" and delete["resourceId"] == "ServiceRequest/dsv1" and "resource" not in delete
     assert create["type"] == "create" and create["description"]
@@ -109,13 +107,15 @@ def test_suggestions_remove_or_replace_with_flexion_extension_radiographs(client
     assert resource["subject"] == {"reference": "Patient/pat-1"}
     assert resource["encounter"] == {"reference": "Encounter/enc-1"}
     assert resource["requester"] == {"reference": "Practitioner/prac-1"}
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", resource["authoredOn"])
     assert resource["id"] != "dsv1"
+    assert "Unlisted fluoroscopic procedure" in resource["note"][0]["text"]
 
 
 def test_lumbar_order_is_replaced_by_lumbar_radiographs(client: FlaskClient) -> None:
     order = b.service_request("l1", text="Digital motion x-ray lumbar spine")
     card = post(client, SIGN, b.hook_request("order-sign", [order])).get_json()["cards"][0]
-    create = card["suggestions"][1]["actions"][1]["resource"]
+    create = card["suggestions"][0]["actions"][1]["resource"]
     assert create["code"]["coding"][0]["code"] == "24971-4"
 
 
@@ -125,14 +125,21 @@ def test_lumbar_order_is_replaced_by_lumbar_radiographs(client: FlaskClient) -> 
         b.service_request("u1", text="DMX study"),  # region unknown
         b.service_request("t1", text="Videofluoroscopy thoracic spine"),  # no standard alternative in the policy
         b.service_request("m1", text="DMX of the cervical and lumbar spine"),  # two regions: no single replacement
+        # No requester the CRD ServiceRequest profile allows (a Practitioner or PractitionerRole), none in context.
+        dsv(requester={"reference": "Organization/o"}),
     ],
 )
-def test_no_replacement_when_the_region_is_unknown_or_has_no_alternative(
+def test_an_external_reference_card_when_no_alternative_can_be_proposed(
     client: FlaskClient, order: dict[str, Any]
 ) -> None:
-    [card] = post(client, SIGN, b.hook_request("order-sign", [order])).get_json()["cards"]
-    [remove] = card["suggestions"]
-    assert [a["type"] for a in remove["actions"]] == ["delete"]
+    body = b.hook_request("order-sign", [order])
+    del body["context"]["userId"]
+    [card] = post(client, SIGN, body).get_json()["cards"]
+    # CRD cards.html#external-reference: links, all absolute; CRD 2.2 CRDCDSHooksExternalRefResponse: no suggestions.
+    assert "suggestions" not in card and "selectionBehavior" not in card
+    assert card["links"] and all(link["type"] == "absolute" for link in card["links"])
+    assert card["source"]["topic"]["code"] == "guideline"
+    assert "Remove this order" in card["detail"]
 
 
 def test_r5_order_gets_an_r5_replacement(client: FlaskClient) -> None:
@@ -140,7 +147,7 @@ def test_r5_order_gets_an_r5_replacement(client: FlaskClient) -> None:
         "r5", text="Kinematic MRI of the cervical spine", r5=True, reason=[{"concept": {"text": "Neck pain"}}]
     )
     card = post(client, SIGN, b.hook_request("order-sign", [order])).get_json()["cards"][0]
-    resource = card["suggestions"][1]["actions"][1]["resource"]
+    resource = card["suggestions"][0]["actions"][1]["resource"]
     assert resource["code"]["concept"]["coding"][0]["code"] == "24945-8"
     assert resource["reason"] == [{"concept": {"text": "Neck pain"}}]
     from fhir.resources.servicerequest import ServiceRequest
@@ -152,7 +159,7 @@ def test_replacement_is_a_valid_r4_service_request(client: FlaskClient) -> None:
     from fhir.resources.R4B.servicerequest import ServiceRequest
 
     card = post(client, SIGN, b.hook_request("order-sign", [dsv()])).get_json()["cards"][0]
-    ServiceRequest.model_validate(card["suggestions"][1]["actions"][1]["resource"])
+    ServiceRequest.model_validate(card["suggestions"][0]["actions"][1]["resource"])
 
 
 # --- hook semantics --------------------------------------------------------------------------------------------
@@ -354,11 +361,13 @@ def test_malformed_copied_reasons_are_left_out_of_the_replacement(client: FlaskC
     order = b.service_request(
         "r",
         text="DMX cervical spine",
+        # Read as meant by the engine (a number for a system, an empty array for no code), yet not valid FHIR to
+        # copy into the replacement order.
         reasonCode=[{"coding": [{"system": 5, "code": []}]}],
-        category=[{"coding": "imaging"}],
+        category=[{"coding": {"code": "imaging"}, "text": ""}],
     )
     card = post(client, SIGN, b.hook_request("order-sign", [order])).get_json()["cards"][0]
-    resource = card["suggestions"][1]["actions"][1]["resource"]
+    resource = card["suggestions"][0]["actions"][1]["resource"]
     assert "reasonCode" not in resource
     assert resource["category"][0]["coding"][0]["code"] == "363679005"
     from fhir.resources.R4B.servicerequest import ServiceRequest
@@ -371,7 +380,7 @@ def test_replacement_keeps_valid_copied_reasons_and_category(client: FlaskClient
     category = {"coding": [{"system": b.SNOMED, "code": "363679005", "display": "Imaging"}], "text": "Radiology"}
     order = b.service_request("r", text="DMX cervical spine", reasonCode=[reason], category=[category])
     card = post(client, SIGN, b.hook_request("order-sign", [order])).get_json()["cards"][0]
-    resource = card["suggestions"][1]["actions"][1]["resource"]
+    resource = card["suggestions"][0]["actions"][1]["resource"]
     assert resource["reasonCode"] == [reason] and resource["category"] == [category]
 
 

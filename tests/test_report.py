@@ -320,7 +320,7 @@ def test_end_to_end_through_the_hooks_and_the_feedback_endpoint(db_url: str) -> 
         {
             "card": lumbar["uuid"],
             "outcome": "accepted",
-            "acceptedSuggestions": [{"id": lumbar["suggestions"][1]["uuid"]}],
+            "acceptedSuggestions": [{"id": lumbar["suggestions"][0]["uuid"]}],
             "outcomeTimestamp": at(1),
         },
         {
@@ -364,3 +364,27 @@ def test_feedback_stored_before_its_card_was_written_is_linked_in_the_report(db_
     assert report["itemsForUnknownCards"] == 0 and report["accepted"] == 1
     assert report["acceptedBySuggestion"] == [{"kind": "removed the order", "label": REMOVE, "count": 1}]
     store.close()
+
+
+def test_a_reason_sent_as_a_code_alone_is_named_from_the_policy(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The CDS Hooks sandbox's dismiss sends overrideReason.reason {code, system}, no display.
+    store = store_for(db_url)
+    store.upgrade()
+    store.writer.record(CallRecord(service_id=SIGN, hook="order-sign", started_at=DAY, cards=[card(1, "lumbar")]))
+    assert store.writer.flush(10)
+    item = {
+        "card": "card-1",
+        "outcome": "overridden",
+        "overrideReason": {"reason": {"system": REASONS, "code": "research-study"}},
+        "outcomeTimestamp": at(5),
+    }
+    assert store.save_feedback(SIGN, parse_feedback({"feedback": [item]}), Identity()).stored == 1
+    store.close()
+    monkeypatch.setenv("CDS_DATABASE_URL", db_url)
+    assert main(["report", "--format", "json"]) == 0
+    [reason] = json.loads(capsys.readouterr().out)["feedback"]["overridesByReason"]
+    assert (reason["code"], reason["display"]) == ("research-study", "Patient is enrolled in a research study")
+    assert main(["report"]) == 0
+    assert "research-study: Patient is enrolled in a research study" in capsys.readouterr().out

@@ -199,10 +199,11 @@ def test_a_hook_call_gets_exactly_one_card_from_each_policy(both_client: FlaskCl
     cimt, dsv = cards["cimt"], cards["dsv"]
     assert cimt["summary"] == CIMT_SUMMARY and cimt["source"]["url"] == CIMT_URL
     assert cimt["extension"]["davinci-crd.associated-resource"] == [{"reference": "ServiceRequest/cimt-a"}]
-    assert "Medical policy 2.02.16 (version 2026.1.0)" in cimt["detail"]
+    assert "Not a CIMT study? Override" in cimt["detail"]
     assert [r["code"] for r in cimt["overrideReasons"]] == ["research-study", "not-cimt"]
     # No alternative order exists for CIMT: removal only.
-    assert [s["label"] for s in cimt["suggestions"]] == ["Remove the CIMT order"]
+    # No alternative for CIMT: an External Reference card (links, no suggestions).
+    assert "suggestions" not in cimt and cimt["links"]
     assert dsv["extension"]["davinci-crd.associated-resource"] == [{"reference": "ServiceRequest/dsv-a"}]
     assert dsv["summary"] != CIMT_SUMMARY and dsv["source"]["url"] != CIMT_URL
     assert "6.01.46" in dsv["detail"] and "2.02.16" not in dsv["detail"]

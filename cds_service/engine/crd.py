@@ -14,11 +14,22 @@ from .policy.model import Service
 COVERAGE_INFO_URL = "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/ext-coverage-information"
 CONFIG_OPTIONS_KEY = "davinci-crd.configuration-options"
 CONFIG_KEY = "davinci-crd.configuration"
+# CRD 2.2 (deviations.html, "CRD Version declaration", dev-1/dev-2): each service declares every CRD version it
+# supports, as the first two nodes of the IG version; a client then names the one it wants in
+# davinci-crd.requestedVersion (dev-3). The responses here are valid under both: the same card types, actions and
+# coverage-information shape (no pa-needed with not-covered; no 2.0.1/2.2-specific sub-extensions), and the card
+# topic's code system follows the version asked for (temp in 2.0, cdshooks-card-type in 2.2).
+VERSION_KEY = "davinci-crd.version"
+REQUESTED_VERSION_KEY = "davinci-crd.requestedVersion"
+CRD_VERSIONS = ("2.0", "2.2")
 MAX_CARDS_DEFAULT = 10
+# The Instructions card's switch. CRD dev-7 asks for a code from the CRD response types where one applies; neither
+# card-type code system has one for an instructions card, so it is named for what it is.
+INSTRUCTIONS = "instructions"
 
 
 def configuration_options(service: Service) -> list[dict[str, Any]]:
-    """CRD discovery configuration options: coverage-info, one boolean per card type, max-cards."""
+    """CRD discovery configuration options: coverage-info, one boolean per card type (dev-5), max-cards."""
     options: list[dict[str, Any]] = [
         {
             "code": "coverage-info",
@@ -29,21 +40,38 @@ def configuration_options(service: Service) -> list[dict[str, Any]]:
             "default": True,
         }
     ]
-    seen = set()
+    seen: set[str] = set()
+
+    def add(code: str, name: str, description: str, default: bool) -> None:
+        if code not in seen:
+            seen.add(code)
+            options.append(
+                {"code": code, "type": "boolean", "name": name, "description": description, "default": default}
+            )
+
     for policy in service.policies:
-        topic = policy.card.topic
-        if topic.code in seen:
-            continue
-        seen.add(topic.code)
-        options.append(
-            {
-                "code": topic.code,
-                "type": "boolean",
-                "name": f"{topic.display} cards",
-                "description": f"Return {topic.display.lower()} cards ({policy.title})",
-                "default": True,
-            }
+        text = policy.card
+        add(
+            text.alternative_topic.code,
+            f"{text.alternative_topic.display} cards",
+            f"Propose the covered alternative order (one suggestion that replaces the flagged order) ({policy.title})",
+            True,
         )
+        add(
+            text.guideline_topic.code,
+            f"{text.guideline_topic.display} cards",
+            f"The policy and its evidence as links, for a flagged order that gets no alternative card ({policy.title})",
+            True,
+        )
+        if text.instructions_summary:
+            # Off by default: clinicians see one card per order unless the EHR asks for more.
+            add(
+                INSTRUCTIONS,
+                "Instructions cards",
+                "What happens if a flagged order goes ahead anyway: the claim, billing the patient, exceptions "
+                f"({policy.title})",
+                False,
+            )
     options.append(
         {
             "code": "max-cards",
@@ -56,6 +84,11 @@ def configuration_options(service: Service) -> list[dict[str, Any]]:
     return options
 
 
+def service_extension(service: Service) -> dict[str, Any]:
+    """The CRD extensions of a service's discovery entry."""
+    return {VERSION_KEY: list(CRD_VERSIONS), CONFIG_OPTIONS_KEY: configuration_options(service)}
+
+
 @dataclass
 class Configuration:
     """What a client asked for through davinci-crd.configuration; unknown keys are ignored, none are required."""
@@ -63,14 +96,21 @@ class Configuration:
     coverage_info: bool = True
     card_types: dict[str, bool] = field(default_factory=dict)
     max_cards: int | None = None
+    crd_version: str = CRD_VERSIONS[0]
 
     def card_enabled(self, card_type: str) -> bool:
-        return self.card_types.get(card_type, True)
+        # Every card type is on unless switched off, but for the Instructions card, which is off unless asked for.
+        return self.card_types.get(card_type, card_type != INSTRUCTIONS)
 
 
 def read_configuration(extension: dict[str, Any]) -> Configuration:
-    raw = extension.get(CONFIG_KEY) if isinstance(extension, dict) else None
     config = Configuration()
+    if not isinstance(extension, dict):
+        return config
+    requested = extension.get(REQUESTED_VERSION_KEY)
+    if isinstance(requested, str) and requested.strip() in CRD_VERSIONS:
+        config.crd_version = requested.strip()
+    raw = extension.get(CONFIG_KEY)
     if not isinstance(raw, dict):
         return config
     for key, value in raw.items():

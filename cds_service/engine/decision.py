@@ -157,7 +157,10 @@ def _quiet(policy: Policy, status: str | None, intent: str | None, do_not_perfor
 
 
 def judge_resource(
-    resource: dict[str, Any], policy: Policy, words: tuple[str, frozenset[str]] | None = None
+    resource: dict[str, Any],
+    policy: Policy,
+    words: tuple[str, frozenset[str]] | None = None,
+    original: dict[str, Any] | None = None,
 ) -> Verdict:
     """Judge one ServiceRequest as sent. The first pass (prefilter) decides whether any flagging rule could hold; an
     order that names none of the words or codes those rules need is decided on its request facts alone, without
@@ -165,6 +168,11 @@ def judge_resource(
     rec = policy.recognition
     if rec.prefilter and not might_flag(rec, words if words is not None else order_words(resource)):
         order = glance(resource)
+        if original is not None:
+            order.resource = original
         rule, reason = _quiet(policy, order.status, order.intent, order.do_not_perform)
         return Verdict(order=order, policy=policy, rule=rule.id, flagged=rule.flags, reason=reason)
-    return judge(read_order(resource), policy)
+    order = read_order(resource)
+    if original is not None:
+        order.resource = original  # the client's own order, unchanged, is what CRD echoes back
+    return judge(order, policy)

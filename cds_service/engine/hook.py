@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 
 from . import crd
-from .cards import build_card
+from .cards import CardMaker
 from .decision import Verdict, judge_resource
 from .outcome import Outcome
 from .policy.model import Service
 from .prefilter import order_words
-from .request import HookRequest, resources_to_judge
+from .request import HookRequest
 
 
 @dataclass
@@ -36,20 +37,39 @@ class Assessment:
 def assess(request: HookRequest, service: Service) -> Assessment:
     """Judge every order the hook asks about against every policy of the service."""
     verdicts: list[Verdict] = []
-    for resource in resources_to_judge(request):
-        words = order_words(resource) if len(service.policies) > 1 else None  # one pass for every policy
-        verdicts.extend(judge_resource(resource, policy, words) for policy in service.policies)
+    for draft in request.orders:
+        words = order_words(draft.readable) if len(service.policies) > 1 else None  # one pass for every policy
+        verdicts.extend(judge_resource(draft.readable, policy, words, draft.resource) for policy in service.policies)
     return Assessment(request, service, verdicts, crd.read_configuration(request.extension))
 
 
-def respond(assessment: Assessment, coverage: crd.CoverageResult | None, today: date) -> Outcome:
-    """One card per flagged order (as configured) and, when the Coverage is known, the CRD systemActions."""
+def respond(
+    assessment: Assessment,
+    coverage: crd.CoverageResult | None,
+    today: date,
+    new_uuid: Callable[[], str] | None = None,
+) -> Outcome:
+    """The cards for each flagged order (as configured) and, when the Coverage is known, the CRD systemActions.
+
+    One card per flagged order by default: the Propose Alternate Request card when a covered alternative can be
+    proposed, else the External Reference card; the Instructions card too when the EHR asks for it. `new_uuid`
+    makes the cards' uuids (the adapter's, so feedback can be recognised as about this service's cards).
+    """
     outcome = Outcome(assessment.verdicts)
     config = assessment.config
     flagged = assessment.flagged
+    maker = CardMaker(assessment.request, today, config.crd_version, new_uuid)
     for verdict in flagged:
-        if config.card_enabled(verdict.policy.card.topic.code):
-            outcome.cards.append(build_card(verdict, assessment.request))
+        text = verdict.policy.card
+        card = maker.alternative_card(verdict) if config.card_enabled(text.alternative_topic.code) else None
+        if card is None and config.card_enabled(text.guideline_topic.code):
+            card = maker.guideline_card(verdict)
+        if card is not None:
+            outcome.cards.append(card)
+        if config.card_enabled(crd.INSTRUCTIONS):
+            instructions = maker.instructions_card(verdict)
+            if instructions is not None:
+                outcome.cards.append(instructions)
     if config.max_cards is not None:
         outcome.cards = outcome.cards[: config.max_cards]
     if coverage is not None:

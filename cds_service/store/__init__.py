@@ -14,6 +14,7 @@ from ..audit import AuditSink, NullAudit
 from ..auth import Identity
 from ..feedback import FeedbackItem
 from .audit_writer import AuditWriter
+from .card_ids import CardIds
 from .db import Database, SchemaTooNew, StoreUnavailable, database_url, safe_url
 from .feedback_store import SaveResult, save_feedback
 from .jti import DatabaseJtiStore
@@ -30,11 +31,12 @@ _open_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 class Store:
     """Everything the app keeps in the database. Nothing connects until first use, in the process that uses it."""
 
-    def __init__(self, db: Database, *, audit: bool = True) -> None:
+    def __init__(self, db: Database, *, audit: bool = True, card_id_key: str | None = None) -> None:
         self.db = db
         self.writer = AuditWriter(db, self.ensure_schema)
         self.audit: AuditSink = self.writer if audit else NullAudit()
         self.jti_store = DatabaseJtiStore(db, self.ensure_schema)
+        self.card_ids = CardIds(db, self.ensure_schema, card_id_key)
         self._schema_ok_pid = 0
         self._schema_lock = threading.Lock()
         self._probe: tuple[float, str | None] = (0.0, None)
@@ -72,6 +74,8 @@ class Store:
         """`cds-service serve`, before forking: migrate, or stop start-up with a message that says why."""
         try:
             before, after = self.upgrade()
+            # Read (or make) the card-id key once here: the forked workers inherit it and never wait for it.
+            self.card_ids.key()
         except StoreUnavailable as exc:
             raise RuntimeError(f"cannot reach the database {safe_url(self.db.url)}: {exc}") from exc
         finally:
@@ -139,9 +143,17 @@ class Store:
     # -- feedback ------------------------------------------------------------------------------------------------
     def save_feedback(self, service_id: str, items: list[FeedbackItem], identity: Identity) -> SaveResult:
         # Cards this worker answered a moment ago may still be queued: write them so the feedback links to them.
+        # Another worker's or instance's queued cards are recognised by their uuid's mark (card_ids) instead.
         if isinstance(self.audit, AuditWriter):
             self.writer.flush(timeout=1.0)
-        return save_feedback(self.db, self.ensure_schema, service_id, items, identity)
+        return save_feedback(
+            self.db,
+            self.ensure_schema,
+            service_id,
+            items,
+            identity,
+            recognises=lambda card: self.card_ids.recognises(service_id, card),
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def server_hooks(self) -> dict[str, Any]:
@@ -163,7 +175,11 @@ class Store:
 def open_store(settings: dict[str, Any], instance_path: str | os.PathLike[str]) -> Store:
     """The Store for the settings (CDS_DATABASE_URL, CDS_AUDIT); connects lazily."""
     known_revisions()  # read the migration scripts now, once, rather than on a hook's first audit write
-    return Store(Database(database_url(settings.get("DATABASE_URL"), instance_path)), audit=settings["AUDIT"])
+    return Store(
+        Database(database_url(settings.get("DATABASE_URL"), instance_path)),
+        audit=settings["AUDIT"],
+        card_id_key=settings.get("CARD_ID_KEY") or None,
+    )
 
 
 @atexit.register

@@ -72,11 +72,25 @@ def cmd_audit_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def reason_displays(settings: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """Override reasons' displays by (system, code), from the policies the service uses; none if they do not load."""
+    from ..engine import PolicyError, load_policies
+
+    try:
+        policies = load_policies(settings["POLICY_DIR"])
+    except (PolicyError, OSError) as exc:
+        _say(f"cds-service: override reasons are shown by code only; the policies did not load: {exc}", error=True)
+        return {}
+    return {(r.system, r.code): r.display for p in policies.policies for r in p.card.override_reasons}
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     store = _store()
     try:
         store.ensure_schema()
-        report = build_report(store.db, since=args.since)
+        report = build_report(
+            store.db, since=args.since, reason_displays=reason_displays(config_module.load({"AUDIT": False}))
+        )
     except (StoreUnavailable, SchemaTooNew) as exc:
         _say(f"cds-service: {exc}", error=True)
         return 1

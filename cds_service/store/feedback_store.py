@@ -29,8 +29,13 @@ def save_feedback(
     service_id: str,
     items: list[FeedbackItem],
     identity: Identity,
+    recognises: Callable[[str], bool] = lambda _card: False,
 ) -> SaveResult:
-    """Insert the items in one transaction; an item already stored (same content) is counted, not stored again."""
+    """Insert the items in one transaction; an item already stored (same content) is counted, not stored again.
+
+    A card is known when the audit log has it, or when its uuid carries this service's mark (`recognises`): its
+    record may still be queued in the worker that answered, and the report links the item once it lands.
+    """
     ensure_schema()
     now = datetime.now(UTC)
     result = SaveResult()
@@ -46,12 +51,13 @@ def save_feedback(
             )
             for item in items:
                 call_id = known.get(item.card)
+                card_known = call_id is not None or recognises(item.card)
                 row = {
                     "dedupe_key": item.dedupe_key(service_id),
                     "received_at": now,
                     "service_id": service_id,
                     "card_uuid": item.card,
-                    "card_known": call_id is not None,
+                    "card_known": card_known,
                     "call_id": call_id,
                     "outcome": item.outcome,
                     "accepted_suggestions": list(item.accepted_suggestions),
@@ -71,7 +77,7 @@ def save_feedback(
                     result.stored += 1
                 else:
                     result.duplicates += 1
-                if call_id is None and item.card not in result.unknown_cards:
+                if not card_known and item.card not in result.unknown_cards:
                     result.unknown_cards.append(item.card)
     except SQLAlchemyError as exc:
         raise StoreUnavailable(short_error(exc)) from exc

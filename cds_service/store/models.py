@@ -121,3 +121,12 @@ jti_seen = Table(
     Column("expires_at", Float, nullable=False),
     Index("ix_jti_seen_expires_at", "expires_at"),
 )
+
+# Secrets the service makes once and every worker and instance shares (the card-id key); never exported or logged.
+service_secret = Table(
+    "service_secret",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("value", String(200), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)

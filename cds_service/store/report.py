@@ -7,6 +7,7 @@ import io
 import math
 import textwrap
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -58,8 +59,18 @@ def _suggestion_kind(actions: list[Any]) -> str:
     return "other suggestion"
 
 
-def build_report(db: Database, since: datetime | None = None, until: datetime | None = None) -> dict[str, Any]:
-    """Every number of the report, computed from the audit log and feedback tables."""
+def build_report(
+    db: Database,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    reason_displays: Mapping[tuple[str, str], str] | None = None,
+) -> dict[str, Any]:
+    """Every number of the report, computed from the audit log and feedback tables.
+
+    `reason_displays` names override reasons by (system, code), from the policies: a client may send the code alone
+    (the CDS Hooks sandbox sends {code, system}), and the committee reads the words the card offered.
+    """
+    reason_displays = reason_displays or {}
     until = until or datetime.now(UTC)
     calls_by_hook: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     judged_by_policy: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
@@ -174,7 +185,10 @@ def build_report(db: Database, since: datetime | None = None, until: datetime | 
                     accepted[(_suggestion_kind(suggestion.get("actions") or []), suggestion.get("label") or "")] += 1
         else:
             overridden_cards += 1
-            key = (item.override_code or "", item.override_display or "", item.override_system or "")
+            display = item.override_display or reason_displays.get(
+                (item.override_system or "", item.override_code or ""), ""
+            )
+            key = (item.override_code or "", display, item.override_system or "")
             reasons[key].append(
                 {
                     "card": card_uuid,

@@ -16,6 +16,7 @@ from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
+from ..markdown import MAX_DETAIL_WORDS, word_count
 from ..terms import TermError, TermIndex, fold, term_key
 from . import schema as s
 from .model import (
@@ -31,6 +32,7 @@ from .model import (
     EvidenceTest,
     FactTest,
     Group,
+    Link,
     Meaning,
     Policy,
     PolicyError,
@@ -744,6 +746,9 @@ def _compile(c: _Compiler, spec: s.PolicyFile, digest: str) -> Policy:
     instructions = card.instructions
     recognition = _recognition(c, spec.recognition, ("recognition",))
 
+    def coding(spec_: s.CodingSpec) -> Coding:
+        return Coding(spec_.system, spec_.code, spec_.display)
+
     alternatives: dict[str, Alternative] = {}
     for region, alt in spec.alternatives.regions.items():
         if region not in spec.recognition.anatomy.regions:
@@ -751,38 +756,35 @@ def _compile(c: _Compiler, spec: s.PolicyFile, digest: str) -> Policy:
                 ("alternatives", "regions", region),
                 f"region {region!r} is not one of recognition.anatomy.regions ({', '.join(recognition.regions)})",
             )
+        named = {**facts, "alternative": alt.label}
         alternatives[region] = Alternative(
             region=region,
             label=alt.label,
-            code=Coding(alt.code.system, alt.code.code, alt.code.display),
-            body_site=Coding(alt.body_site.system, alt.body_site.code, alt.body_site.display),
-            suggestion_label=c.fill(
-                card.suggestions.replace.label,
-                {**facts, "alternative": alt.label},
-                ("card", "suggestions", "replace", "label"),
-            ),
+            code=coding(alt.code),
+            body_site=coding(alt.body_site),
+            suggestion_label=c.fill(card.alternative.label, named, ("card", "alternative", "label")),
+            instead=c.fill(card.alternative.instead, named, ("card", "alternative", "instead")),
         )
     if not alternatives:
-        # The label's {alternative} placeholder is still checked when no region has an alternative.
-        c.fill(card.suggestions.replace.label, {**facts, "alternative": ""}, ("card", "suggestions", "replace"))
+        # The {alternative} placeholders are still checked when no region has an alternative.
+        c.fill(card.alternative.label, {**facts, "alternative": ""}, ("card", "alternative", "label"))
+        c.fill(card.alternative.instead, {**facts, "alternative": ""}, ("card", "alternative", "instead"))
 
     text = CardText(
         indicator=card.indicator,
-        topic=Coding(card.topic.system, card.topic.code, card.topic.display),
         summary=summary,
+        matched=c.fill(card.matched, facts, ("card", "matched")),
         position=c.fill(card.position, facts, ("card", "position")),
         evidence=c.fill(card.evidence, facts, ("card", "evidence")),
-        instead=c.fill(card.instead, facts, ("card", "instead")),
         footer=c.fill(card.footer, facts, ("card", "footer")),
-        links=tuple((link.label, link.url) for link in card.links),
-        remove_label=c.fill(card.suggestions.remove.label, facts, ("card", "suggestions", "remove", "label")),
-        remove_description=c.fill(
-            card.suggestions.remove.description, facts, ("card", "suggestions", "remove", "description")
-        ),
-        replace_description=c.fill(
-            card.suggestions.replace.description, facts, ("card", "suggestions", "replace", "description")
-        ),
+        links=tuple(Link(link.label, link.url, link.detail) for link in card.links),
         override_reasons=reasons,
+        guideline_topic=coding(card.guideline.topic),
+        guideline_instead=c.fill(card.guideline.instead, facts, ("card", "guideline", "instead")),
+        alternative_topic=coding(card.alternative.topic),
+        alternative_remove=c.fill(card.alternative.remove, facts, ("card", "alternative", "remove")),
+        alternative_description=c.fill(card.alternative.description, facts, ("card", "alternative", "description")),
+        instructions_topic=coding(instructions.topic) if instructions else None,
         instructions_summary=c.fill(instructions.summary, facts, ("card", "instructions", "summary"))
         if instructions
         else None,
@@ -790,8 +792,28 @@ def _compile(c: _Compiler, spec: s.PolicyFile, digest: str) -> Policy:
         if instructions
         else None,
     )
+    # The detail holds the order's name (at most 12 words) and why it matched besides these words: they may take at
+    # most two thirds of the card's MAX_DETAIL_WORDS, so the whole reads without scrolling.
+    instead = max([text.guideline_instead, *(a.instead for a in alternatives.values())], key=word_count)
+    links = " ".join(link.detail for link in text.links if link.detail)
+    own = word_count(" ".join([text.matched, "What to do:", instead, text.position, text.evidence, text.footer, links]))
+    if own > MAX_DETAIL_WORDS * 2 // 3:
+        c.problem(
+            ("card",),
+            f"the card's own words (matched, instead, position, evidence, footer, link labels) come to {own}; at most "
+            f"{MAX_DETAIL_WORDS * 2 // 3} leave room for the order's name and why it matched in "
+            f"{MAX_DETAIL_WORDS} words",
+        )
+    if text.instructions_detail and word_count(text.instructions_detail) > MAX_DETAIL_WORDS - 12:
+        c.problem(("card", "instructions", "detail"), f"at most {MAX_DETAIL_WORDS - 12} words")
     if text.instructions_summary and len(text.instructions_summary) > SUMMARY_LIMIT:
         c.problem(("card", "instructions", "summary"), "a card summary must be under 140 characters")
+    topics = [text.guideline_topic.code, text.alternative_topic.code]
+    if text.instructions_topic:
+        topics.append(text.instructions_topic.code)
+    if len(set(topics)) != len(topics):
+        # Each card type is switched on and off by its topic code (CRD davinci-crd.configuration-options, dev-5).
+        c.problem(("card",), f"each card type needs its own topic code, got {topics}")
     rules = _rules(c, spec)
     _prefilter(c, spec.recognition, rules, recognition)
     return Policy(

@@ -211,6 +211,7 @@ class Alternative:
     code: Coding
     body_site: Coding
     suggestion_label: str
+    instead: str  # the Propose Alternate Request card's "what to do" line, naming this alternative
 
 
 @dataclass(frozen=True)
@@ -229,19 +230,33 @@ class ServiceDef:
 
 
 @dataclass(frozen=True)
+class Link:
+    label: str
+    url: str
+    detail: str | None  # its short label in a card's detail, when the detail links to it
+
+
+@dataclass(frozen=True)
 class CardText:
+    """The wording of a policy's cards: the shared parts, then what each CRD card type adds."""
+
     indicator: str
-    topic: Coding
     summary: str
+    matched: str
     position: str
     evidence: str
-    instead: str
     footer: str
-    links: tuple[tuple[str, str], ...]
-    remove_label: str
-    remove_description: str
-    replace_description: str
+    links: tuple[Link, ...]
     override_reasons: tuple[Coding, ...]
+    # External Reference card (CRD cards.html#external-reference).
+    guideline_topic: Coding
+    guideline_instead: str
+    # Propose Alternate Request card (CRD cards.html#propose-alternate-request); {alternative} is filled per order.
+    alternative_topic: Coding
+    alternative_remove: str
+    alternative_description: str
+    # Instructions card (CRD cards.html#instructions-response-type), when the policy words one.
+    instructions_topic: Coding | None
     instructions_summary: str | None
     instructions_detail: str | None
 

@@ -88,16 +88,11 @@ class CodingSpec(Strict):
 class LinkSpec(Strict):
     label: Text
     url: Annotated[str, Field(pattern=r"^https?://\S+$")]
-
-
-class SuggestionText(Strict):
-    label: Text
-    description: Text
-
-
-class Suggestions(Strict):
-    remove: SuggestionText
-    replace: SuggestionText
+    # A short label for the link inside the card's detail (markdown): the Propose Alternate Request card may carry
+    # no Card.links (CRD 2.2 logical model CRDCDSHooksAlternateResponse: links 0..0), so its detail links instead.
+    detail: Annotated[str | None, Field(min_length=1, description="Short label of the link in the card's detail")] = (
+        None
+    )
 
 
 class OverrideReason(Strict):
@@ -110,24 +105,42 @@ class OverrideReasons(Strict):
     reasons: Annotated[list[OverrideReason], Field(min_length=1)]
 
 
+class GuidelineCard(Strict):
+    """The CRD External Reference card: the policy's links, no suggestions (CRD cards.html#external-reference)."""
+
+    topic: CodingSpec
+    instead: Annotated[str, Field(min_length=1, description="What to do, when no alternative order is proposed")]
+
+
+class AlternativeCard(Strict):
+    """The CRD Propose Alternate Request card: one suggestion that deletes the order and creates the alternative."""
+
+    topic: CodingSpec
+    instead: Annotated[str, Field(min_length=1, description="What to do; {alternative} names the alternative")]
+    label: Annotated[str, Field(min_length=1, description="The suggestion's label; {alternative} names it")]
+    remove: Annotated[str, Field(min_length=1, description="The delete action's description")]
+    description: Annotated[str, Field(min_length=1, description="The create action's description")]
+
+
 class InstructionsCard(Strict):
     """The CRD Instructions card: what happens if the order goes ahead anyway (no links, no suggestions)."""
 
+    topic: CodingSpec
     summary: Text
     detail: Text
 
 
 class CardSpec(Strict):
     indicator: Literal["info", "warning", "critical"]
-    topic: CodingSpec
     summary: Annotated[str, Field(min_length=1, description="Under 140 characters after placeholders are filled")]
+    matched: Annotated[str, Field(min_length=1, description="Follows the order's name on the card's first line")]
     position: Text
     evidence: Text
-    instead: Text
     footer: Annotated[str, Field(min_length=1, description="The card's last line (how to report a false alarm)")]
     links: Annotated[list[LinkSpec], Field(min_length=1)]
-    suggestions: Suggestions
     override_reasons: OverrideReasons
+    guideline: GuidelineCard
+    alternative: AlternativeCard
     instructions: InstructionsCard | None = None
 
 
