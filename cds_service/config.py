@@ -22,6 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "FHIR_BREAKER_COOLDOWN": 30.0,
     "FHIR_BREAKER_WINDOW": 60.0,
     "ALLOW_HTTP_FHIR": False,
+    "AUDIT_SPILL_DIR": None,  # None: audit-spill/ in the instance folder
     "MAX_BODY_BYTES": 5 * 1024 * 1024,
     "AUDIT": True,
     "LOG_LEVEL": "INFO",
@@ -73,6 +74,8 @@ def normalise(settings: dict[str, Any]) -> dict[str, Any]:
     out["FHIR_BREAKER_FAILURES"] = _number("FHIR_BREAKER_FAILURES", out["FHIR_BREAKER_FAILURES"], int, 0, 1000)
     out["FHIR_BREAKER_COOLDOWN"] = _number("FHIR_BREAKER_COOLDOWN", out["FHIR_BREAKER_COOLDOWN"], float, 0.1, 3600)
     out["FHIR_BREAKER_WINDOW"] = _number("FHIR_BREAKER_WINDOW", out["FHIR_BREAKER_WINDOW"], float, 0.1, 86400)
+    spill = out["AUDIT_SPILL_DIR"]
+    out["AUDIT_SPILL_DIR"] = (str(spill).strip() or None) if spill is not None else None
     out["ALLOW_HTTP_FHIR"] = as_bool("ALLOW_HTTP_FHIR", out["ALLOW_HTTP_FHIR"])
     out["AUDIT"] = as_bool("AUDIT", out["AUDIT"])
     out["CORS_ORIGINS"] = _cors_origins(out["CORS_ORIGINS"])
