@@ -68,10 +68,11 @@ def serve(app: Flask, *, host: str, port: int, workers: int, threads: int, log_l
         "workers": workers,
         # Threads, not sync workers: a call waiting on the client's FHIR server (CRD Coverage read, up to
         # CDS_FHIR_TIMEOUT) must not stop the worker's other calls; sync workers fell to 31 req/s with a slow FHIR
-        # server. Two per worker by default (bench/README.md): CPU-bound calls share the GIL with one other call,
-        # not three (p99 31 vs 57 ms at 8 connections). Reads happen only for flagged orders without prefetched
-        # Coverage; where they are common, raise --threads (a quarter of calls waiting 200 ms: 63 req/s with 2,
-        # 95 with 4, 126 with 8).
+        # server. `threads` (2 by default) compute at once (bench/README.md): CPU-bound calls share the GIL with
+        # one other call, not three (p99 31 vs 57 ms at 8 connections). A call waiting on a FHIR server steps
+        # aside and a spare thread serves the next call: up to CDS_FHIR_MAX_READS of them, as many as the reads
+        # the worker lets run at once (with 2 fixed threads, 2 slow reads on one worker stalled its other calls
+        # for seconds: bench/slow_fhir.py).
         "worker_class": worker_class(int(app.config.get("FHIR_MAX_READS", CallThreadWorker.spare_threads))),
         "threads": threads,
         # One listening socket per worker (SO_REUSEPORT) so the kernel spreads connections over the workers. With
