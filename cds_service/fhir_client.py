@@ -290,10 +290,10 @@ class FhirReader:
             threading.Thread(
                 target=self._run, args=(job, server, base, query, token, deadline), name="cds-fhir-read", daemon=True
             ).start()
-        except BaseException:
+        except RuntimeError:  # no thread to be had (a process limit): answer without the read
             self.slots.give(server)
             ticket.cancel()
-            raise
+            raise FetchError("could not start a thread for the read; read skipped", skipped=True) from None
         # The wait holds no CPU: the worker lets another thread take the next call meanwhile.
         with blocking_io():
             finished = job.done.wait(max(0.0, deadline - time.monotonic()))
