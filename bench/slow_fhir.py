@@ -124,8 +124,11 @@ def post(port: int, body: bytes, token: str | None, timeout: float = 30.0) -> tu
 
 
 def timed_call(port: int, body: bytes, pool: Tokens, since: float) -> Call:
+    token = pool.take()
+    if pool.enabled and token is None:
+        return Call(0.0, 0, 0, 0, "the bench ran out of signed tokens")
     try:
-        status, data = post(port, body, pool.take())
+        status, data = post(port, body, token)
     except Exception as exc:  # a refused or cut connection is a result to report, not a crash
         return Call(time.perf_counter() - since, 0, 0, 0, f"{type(exc).__name__}: {exc}")
     seconds = time.perf_counter() - since
@@ -150,10 +153,14 @@ def run_scenario(
     def slow_loop(index: int) -> None:
         n = 0
         while not stop.is_set():
-            call = timed_call(server.port, slow_bodies[(index + n) % len(slow_bodies)], pool, time.perf_counter())
+            started = time.perf_counter()
+            call = timed_call(server.port, slow_bodies[(index + n) % len(slow_bodies)], pool, started)
             n += 1
             with lock:
                 scenario.slow.append(call)
+            # A caller (a clinician signing orders) calls again at most once per FHIR delay: when the service
+            # answers at once (an open breaker), it must not turn into a tight loop.
+            stop.wait(max(0.0, args.fhir_delay - (time.perf_counter() - started)))
 
     callers = [threading.Thread(target=slow_loop, args=(i,), daemon=True) for i in range(slow_callers)]
     for thread in callers:
