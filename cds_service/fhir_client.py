@@ -8,6 +8,7 @@ import socket
 import ssl
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urljoin, urlsplit
@@ -317,7 +318,9 @@ class FhirReader:
         except FetchError as exc:
             job.error = exc
         except Exception as exc:  # a bug must not leave the caller waiting to the deadline or lose the slot
-            log.exception("FHIR read failed unexpectedly")
+            # Where, not the message: a library's message may quote the URL, and with it the patient's id.
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            log.error("FHIR read failed unexpectedly: %s at %s:%s", type(exc).__name__, where.filename, where.lineno)
             job.error = FetchError(f"unexpected {type(exc).__name__}", server_fault=True)
         finally:
             _deadline.at = None
