@@ -200,6 +200,10 @@ class BreakerBoard:
             # The probe made no read (no read slot free): back to open, and the next call may probe at once.
             self._move(breaker, OPEN)
             breaker.probe_until = 0.0
+            log.info(
+                "FHIR server %s: circuit breaker open, the probe call made no read; the next call probes",
+                breaker.server,
+            )
 
     def _why(self, breaker: _Breaker, then: str) -> str:
         since = breaker.opened_wall.strftime("%H:%M:%SZ") if breaker.opened_wall else "?"
