@@ -456,19 +456,22 @@ class ServiceSpec:
     label: str = "service"
     src: Path | None = None
     env: tuple[tuple[str, str], ...] = ()
+    serve_args: tuple[str, ...] = ()  # extra `cds-service serve` options, e.g. ("--threads", "8")
 
     @classmethod
     def parse(cls, text: str) -> ServiceSpec:
-        """LABEL=SRC[,CDS_NAME=VALUE...]; an empty SRC imports cds_service as installed."""
+        """LABEL=SRC[,CDS_NAME=VALUE...][,--serve-option=VALUE...]; an empty SRC imports cds_service as installed."""
         label, _, rest = text.partition("=")
         if not label or label == "baseline":
             raise argparse.ArgumentTypeError(f"--service {text!r}: expected LABEL=SRC[,CDS_NAME=VALUE...]")
-        src, *pairs = rest.split(",")
-        return cls(label, Path(src) if src else None, tuple(tuple(p.split("=", 1)) for p in pairs))  # type: ignore[misc]
+        src, *items = rest.split(",")
+        pairs = tuple(tuple(p.split("=", 1)) for p in items if not p.startswith("--"))
+        options = tuple(part for p in items if p.startswith("--") for part in p.split("=", 1))
+        return cls(label, Path(src) if src else None, pairs, options)  # type: ignore[arg-type]
 
     def describe(self) -> str:
         source = f"cds_service from {self.src}" if self.src else "cds_service as installed"
-        extra = ", ".join(f"{k}={v}" for k, v in self.env)
+        extra = ", ".join([f"{k}={v}" for k, v in self.env] + [" ".join(self.serve_args)] * bool(self.serve_args))
         return f"{self.label}: {source}, default settings" + (f" except {extra}" if extra else "")
 
 
@@ -501,7 +504,7 @@ class Bench:
             command = [sys.executable, str(HERE / "serve_variant.py"), *sets, "--"]
         else:
             command = [sys.executable, "-m", "cds_service", "serve"]
-        command += ["--host", HOST, "--port", str(port), *variant.serve_args()]
+        command += ["--host", HOST, "--port", str(port), *variant.serve_args(), *spec.serve_args]
         db = self.workdir / f"cds-{port}.sqlite3"
         env = self.base_env(spec.src) | {
             "CDS_DATABASE_URL": f"sqlite:///{db}",
@@ -953,9 +956,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         type=ServiceSpec.parse,
         default=[],
-        metavar="LABEL=SRC[,CDS_NAME=VALUE...]",
+        metavar="LABEL=SRC[,CDS_NAME=VALUE...][,--serve-option=VALUE...]",
         help="a build to measure (repeat to compare builds in one run): cds_service imported from SRC, extra "
-        "settings for experiments; default: the installed cds_service as `service`",
+        "settings and serve options for experiments; default: the installed cds_service as `service`",
     )
     parser.add_argument("--max-minutes", type=float, default=40.0, help="abort when the bench runs longer")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")

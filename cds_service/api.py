@@ -152,6 +152,9 @@ def health() -> Response:
     store = rt.health()
     if store:
         body.update(store)
+    # This worker's FHIR reads and circuit breakers (each worker keeps its own): a client's failing FHIR server
+    # degrades its calls (no Coverage read), not this service's health, so the status stays as it is.
+    body.update(rt.coverage.reader.health())
     return json_response(body)
 
 

@@ -185,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core, min 2)")
     serve.add_argument(
-        "--threads", type=int, default=2, help="threads per worker (default 2; more when FHIR reads are common)"
+        "--threads",
+        type=int,
+        default=2,
+        help="threads per worker computing calls at once (default 2); calls waiting on a FHIR server do not count",
     )
     serve.set_defaults(func=cmd_serve)
 

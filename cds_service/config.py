@@ -17,7 +17,12 @@ DEFAULTS: dict[str, Any] = {
     "CORS_ORIGINS": "",
     "DATABASE_URL": None,  # None: SQLite file in the instance folder
     "FHIR_TIMEOUT": 3.0,
+    "FHIR_MAX_READS": 16,  # per worker process
+    "FHIR_BREAKER_FAILURES": 3,
+    "FHIR_BREAKER_COOLDOWN": 30.0,
+    "FHIR_BREAKER_WINDOW": 60.0,
     "ALLOW_HTTP_FHIR": False,
+    "AUDIT_SPILL_DIR": None,  # None: audit-spill/ in the instance folder
     "MAX_BODY_BYTES": 5 * 1024 * 1024,
     "AUDIT": True,
     "CARD_ID_KEY": None,  # None: a key made once in the database (marks card uuids as this service's)
@@ -66,6 +71,12 @@ def normalise(settings: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"CDS_FHIR_TIMEOUT / CDS_MAX_BODY_BYTES: {exc}") from exc
     if not 0 < out["FHIR_TIMEOUT"] <= 30:
         raise ConfigError("CDS_FHIR_TIMEOUT: expected seconds between 0 and 30")
+    out["FHIR_MAX_READS"] = _number("FHIR_MAX_READS", out["FHIR_MAX_READS"], int, 1, 1000)
+    out["FHIR_BREAKER_FAILURES"] = _number("FHIR_BREAKER_FAILURES", out["FHIR_BREAKER_FAILURES"], int, 0, 1000)
+    out["FHIR_BREAKER_COOLDOWN"] = _number("FHIR_BREAKER_COOLDOWN", out["FHIR_BREAKER_COOLDOWN"], float, 0.1, 3600)
+    out["FHIR_BREAKER_WINDOW"] = _number("FHIR_BREAKER_WINDOW", out["FHIR_BREAKER_WINDOW"], float, 0.1, 86400)
+    spill = out["AUDIT_SPILL_DIR"]
+    out["AUDIT_SPILL_DIR"] = (str(spill).strip() or None) if spill is not None else None
     out["ALLOW_HTTP_FHIR"] = as_bool("ALLOW_HTTP_FHIR", out["ALLOW_HTTP_FHIR"])
     out["AUDIT"] = as_bool("AUDIT", out["AUDIT"])
     out["CORS_ORIGINS"] = _cors_origins(out["CORS_ORIGINS"])
@@ -73,6 +84,16 @@ def normalise(settings: dict[str, Any]) -> dict[str, Any]:
     # A path to the issuers JSON file (read by auth.build_authenticator); empty means none.
     out["TRUSTED_ISSUERS"] = (str(issuers).strip() or None) if issuers is not None else None
     return out
+
+
+def _number(name: str, value: Any, kind: type[int] | type[float], low: float, high: float) -> Any:
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"CDS_{name}: expected a number, got {value!r}") from None
+    if not low <= number <= high:
+        raise ConfigError(f"CDS_{name}: expected a number from {low:g} to {high:g}, got {value!r}")
+    return number
 
 
 def _cors_origins(value: Any) -> list[str]:

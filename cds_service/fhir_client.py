@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
+import ssl
+import threading
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import orjson
 import requests
+import urllib3
 
+from .breaker import BreakerBoard, BreakerOpen, BreakerSettings, server_key
+from .call_pool import blocking_io
 from .engine.crd import CoverageResult
 from .engine.orders import as_list
 from .errors import ServiceError
@@ -29,7 +36,15 @@ _ABSENT = object()
 
 
 class FetchError(Exception):
-    """The FHIR server could not give an answer in time (reason is safe to log: no token, no patient data)."""
+    """The FHIR server could not give an answer in time (reason is safe to log: no token, no patient data).
+
+    `server_fault`: the server failed (it counts towards its circuit breaker); `skipped`: no read was attempted.
+    """
+
+    def __init__(self, reason: str, *, server_fault: bool = False, skipped: bool = False) -> None:
+        super().__init__(reason)
+        self.server_fault = server_fault
+        self.skipped = skipped
 
 
 @dataclass(frozen=True)
@@ -38,6 +53,9 @@ class FhirSettings:
     allow_http: bool = False
     # The command line evaluates offline by default: prefetch only, no network.
     offline: bool = False
+    # Reads in flight at once in this process, all servers together; one server gets at most half of them.
+    max_reads: int = 16
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
 
 
 def fill_template(template: str, context: dict[str, Any]) -> str | None:
@@ -56,17 +74,184 @@ def fill_template(template: str, context: dict[str, Any]) -> str | None:
     return None if missing or "{{" in filled else filled
 
 
+# -- a wall-clock deadline for every socket operation of a read ---------------------------------------------------
+#
+# requests applies its timeout to each socket operation: a server that sends one byte every 0.3 s never trips a 3 s
+# read timeout. Here the reading thread carries a deadline, and every connect, TLS handshake, send and receive on
+# the read's sockets gets the time left as its timeout, so the read ends by itself at the deadline whatever the
+# server does. (The caller also stops waiting at the deadline: see FhirReader.read.)
+
+_deadline = threading.local()
+
+
+def _time_left() -> float | None:
+    """Seconds left for the current thread's read; None outside a read. TimeoutError once it has passed."""
+    at: float | None = getattr(_deadline, "at", None)
+    if at is None:
+        return None
+    left = at - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    return left
+
+
+class _DeadlineSocket(socket.socket):
+    """A TCP socket whose every send and receive waits at most until the reading thread's deadline."""
+
+    def _limit(self) -> None:
+        left = _time_left()
+        if left is not None:
+            self.settimeout(left)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self._limit()
+        return super().recv(bufsize, flags)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        self._limit()
+        return super().recv_into(buffer, nbytes, flags)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self._limit()
+        return super().send(data, flags)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self._limit()
+        super().sendall(data, flags)
+
+
+class _DeadlineSSLSocket(ssl.SSLSocket):
+    """The TLS socket (SSLContext.sslsocket_class): the handshake and every read and write end by the deadline."""
+
+    def _limit(self) -> None:
+        left = _time_left()
+        if left is not None:
+            self.settimeout(left)
+
+    def do_handshake(self, block: bool = False) -> None:
+        self._limit()
+        super().do_handshake(block)
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        self._limit()
+        return super().recv(buflen, flags)
+
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        self._limit()
+        return super().recv_into(buffer, nbytes, flags)  # type: ignore[arg-type]
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self._limit()
+        return super().send(data, flags)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self._limit()
+        super().sendall(data, flags)
+
+
+def _adopt(sock: socket.socket) -> _DeadlineSocket:
+    timeout = sock.gettimeout()
+    adopted = _DeadlineSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    adopted.settimeout(timeout)
+    adopted._limit()  # the TLS handshake starts from this timeout
+    return adopted
+
+
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        return _adopt(super()._new_conn())
+
+
+class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    def _new_conn(self) -> socket.socket:
+        return _adopt(super()._new_conn())
+
+    def connect(self) -> None:
+        if self.ssl_context is None:
+            # What urllib3 builds by default (certificates and host names verified, CA bundle from requests), but
+            # wrapping into a socket that keeps the deadline.
+            context = urllib3.util.ssl_.create_urllib3_context()
+            context.sslsocket_class = _DeadlineSSLSocket
+            self.ssl_context = context
+        super().connect()
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+class _DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter whose connections keep the reading thread's deadline."""
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
+class _ReadSlots:
+    """How many reads may be in flight in this process: all servers together, and per server (half of that), so a
+    hanging server cannot take the slots a healthy one needs, nor the worker's threads."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.per_server = max(1, total // 2)
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, int] = {}
+
+    def take(self, server: str) -> None:
+        with self._lock:
+            mine = self._in_flight.get(server, 0)
+            if sum(self._in_flight.values()) >= self.total:
+                raise FetchError(
+                    f"{self.total} FHIR reads already in flight in this worker; read skipped", skipped=True
+                )
+            if mine >= self.per_server:
+                raise FetchError(
+                    f"{mine} reads from FHIR server {server} already in flight in this worker; read skipped",
+                    skipped=True,
+                )
+            self._in_flight[server] = mine + 1
+
+    def give(self, server: str) -> None:
+        with self._lock:
+            left = self._in_flight[server] - 1
+            if left:
+                self._in_flight[server] = left
+            else:
+                del self._in_flight[server]
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(self._in_flight.values())
+
+
+class _Read:
+    """One read running in its own thread; the calling thread waits for `done` until the deadline at most."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.resources: list[dict[str, Any]] = []
+        self.error: FetchError | None = None
+
+
 class FhirReader:
-    """Reads from a client's FHIR server: pooled connections, bearer token, a hard deadline for the whole read."""
+    """Reads from a client's FHIR server: pooled connections, bearer token, a wall-clock deadline for the whole
+    read, a bounded number of reads in flight, and a circuit breaker per server."""
 
     def __init__(self, settings: FhirSettings) -> None:
         self.settings = settings
         self.session = requests.Session()
         # Never read proxies or .netrc from the environment: the bearer token goes only where the client said.
         self.session.trust_env = False
-        adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=16, max_retries=0)
+        adapter = _DeadlineAdapter(pool_connections=16, pool_maxsize=16, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        self.breakers = BreakerBoard(settings.breaker)
+        self.slots = _ReadSlots(settings.max_reads)
 
     def check_server(self, base: str) -> str:
         parts = urlsplit(base)
@@ -76,12 +261,73 @@ class FhirReader:
             raise FetchError("fhirServer uses plain http (set CDS_ALLOW_HTTP_FHIR to allow it)")
         return base.rstrip("/") + "/"
 
+    def health(self) -> dict[str, Any]:
+        """For /health: this process's reads in flight and its breakers (no tokens, no patient data)."""
+        return {"fhirReadsInFlight": self.slots.in_flight(), "fhirServers": self.breakers.snapshot()}
+
     def read(self, base: str, query: str, token: str | None) -> list[dict[str, Any]]:
-        """GET {base}/{query}; a searchset is followed for at most a few pages. Returns the resources found."""
+        """GET {base}/{query}; a searchset is followed for at most a few pages. Returns the resources found.
+
+        The read runs in a thread of its own and the caller waits for it until the deadline at most: that holds
+        even where no socket timeout reaches (a name lookup that hangs). The read's sockets keep the same deadline,
+        so the thread ends by itself too; the slots bound how many can be in flight.
+        """
         if self.settings.offline:
-            raise FetchError("reading from FHIR servers is off")
+            raise FetchError("reading from FHIR servers is off", skipped=True)
         base = self.check_server(base)
+        server = server_key(base)
+        try:
+            ticket = self.breakers.admit(server)
+        except BreakerOpen as exc:
+            raise FetchError(str(exc), skipped=True) from None
+        try:
+            self.slots.take(server)
+        except FetchError:
+            ticket.cancel()
+            raise
         deadline = time.monotonic() + self.settings.timeout
+        job = _Read()
+        try:
+            threading.Thread(
+                target=self._run, args=(job, server, base, query, token, deadline), name="cds-fhir-read", daemon=True
+            ).start()
+        except RuntimeError:  # no thread to be had (a process limit): answer without the read
+            self.slots.give(server)
+            ticket.cancel()
+            raise FetchError("could not start a thread for the read; read skipped", skipped=True) from None
+        # The wait holds no CPU: the worker lets another thread take the next call meanwhile.
+        with blocking_io():
+            finished = job.done.wait(max(0.0, deadline - time.monotonic()))
+        if not finished:
+            reason = f"no complete answer within {self.settings.timeout:g} s"
+            ticket.failure(reason)
+            raise FetchError(reason, server_fault=True)
+        if job.error is not None:
+            if job.error.server_fault:
+                ticket.failure(str(job.error))
+            else:
+                ticket.success()  # it answered (a 401 or 404 for this call's query): the server itself is up
+            raise job.error
+        ticket.success()
+        return job.resources
+
+    def _run(self, job: _Read, server: str, base: str, query: str, token: str | None, deadline: float) -> None:
+        _deadline.at = deadline
+        try:
+            job.resources = self._read_pages(base, query, token, deadline)
+        except FetchError as exc:
+            job.error = exc
+        except Exception as exc:  # a bug must not leave the caller waiting to the deadline or lose the slot
+            # Where, not the message: a library's message may quote the URL, and with it the patient's id.
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            log.error("FHIR read failed unexpectedly: %s at %s:%s", type(exc).__name__, where.filename, where.lineno)
+            job.error = FetchError(f"unexpected {type(exc).__name__}", server_fault=True)
+        finally:
+            _deadline.at = None
+            self.slots.give(server)
+            job.done.set()
+
+    def _read_pages(self, base: str, query: str, token: str | None, deadline: float) -> list[dict[str, Any]]:
         url: str | None = urljoin(base, query.lstrip("/"))
         headers = {"Accept": "application/fhir+json, application/json"}
         if token:
@@ -103,30 +349,32 @@ class FhirReader:
     def _get(self, url: str, headers: dict[str, str], deadline: float) -> dict[str, Any]:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise FetchError("deadline passed")
+            raise FetchError("deadline passed before the next page", server_fault=True)
         try:
             with self.session.get(
                 url, headers=headers, timeout=(remaining, remaining), stream=True, allow_redirects=False
             ) as response:
                 if response.status_code != 200:
-                    raise FetchError(f"FHIR server answered {response.status_code}")
+                    # 5xx and 429: the server is failing; other answers (401, 404, ...) are about this query.
+                    fault = response.status_code >= 500 or response.status_code == 429
+                    raise FetchError(f"FHIR server answered {response.status_code}", server_fault=fault)
                 chunks = []
                 size = 0
                 for chunk in response.iter_content(65536):
                     size += len(chunk)
                     if size > _MAX_BODY:
-                        raise FetchError("FHIR response too large")
-                    if time.monotonic() > deadline:
-                        raise FetchError("deadline passed while reading")
+                        raise FetchError("FHIR response too large", server_fault=True)
                     chunks.append(chunk)
-        except requests.RequestException as exc:
-            raise FetchError(type(exc).__name__) from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            # Timeouts, refused or cut connections, TLS failures: the exception's name says which, never the URL's
+            # query or the token.
+            raise FetchError(type(exc).__name__, server_fault=True) from None
         try:
             body = orjson.loads(b"".join(chunks))
         except orjson.JSONDecodeError:
-            raise FetchError("FHIR server sent invalid JSON") from None
+            raise FetchError("FHIR server sent invalid JSON", server_fault=True) from None
         if not isinstance(body, dict):
-            raise FetchError("FHIR server sent a non-resource")
+            raise FetchError("FHIR server sent a non-resource", server_fault=True)
         return body
 
 
@@ -194,8 +442,13 @@ class CoverageFinder:
         try:
             resources = self._read(request, "coverage", query)
         except FetchError as exc:
-            log.warning("coverage read failed for hookInstance %s: %s", request.hook_instance, exc)
-            notes.append(f"Coverage unknown: reading it from the FHIR server failed ({exc})")
+            if exc.skipped:
+                # An open breaker or full read slots: logged when that state began, not again for every call.
+                log.debug("coverage read skipped for hookInstance %s: %s", request.hook_instance, exc)
+                notes.append(f"Coverage unknown: {exc}")
+            else:
+                log.warning("coverage read failed for hookInstance %s: %s", request.hook_instance, exc)
+                notes.append(f"Coverage unknown: reading it from the FHIR server failed ({exc})")
             return CoverageResult(None, notes)
         chosen = choose_coverage(resources, notes)
         if chosen is None:

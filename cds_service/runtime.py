@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .audit import AuditSink, NullAudit
 from .auth import Authenticator, JtiStore, MemoryJtiStore, build_authenticator
+from .breaker import BreakerSettings
 from .engine.policy import PolicySet, load_policies
 from .fhir_client import CoverageFinder, FhirReader, FhirSettings
 
@@ -42,7 +43,19 @@ def build_runtime(settings: dict[str, Any], *, offline: bool = False, store: Sto
     """
     policies = load_policies(settings["POLICY_DIR"])
     reader = FhirReader(
-        FhirSettings(timeout=settings["FHIR_TIMEOUT"], allow_http=settings["ALLOW_HTTP_FHIR"], offline=offline)
+        FhirSettings(
+            timeout=settings["FHIR_TIMEOUT"],
+            allow_http=settings["ALLOW_HTTP_FHIR"],
+            offline=offline,
+            max_reads=settings["FHIR_MAX_READS"],
+            breaker=BreakerSettings(
+                failures=settings["FHIR_BREAKER_FAILURES"],
+                cooldown=settings["FHIR_BREAKER_COOLDOWN"],
+                window=settings["FHIR_BREAKER_WINDOW"],
+                # A probe's outcome comes back by its read's deadline; past this, let another call probe.
+                probe_lease=settings["FHIR_TIMEOUT"] + 5.0,
+            ),
+        )
     )
     jti_store: JtiStore = store.jti_store if store is not None else MemoryJtiStore()
     rt = Runtime(

@@ -10,6 +10,9 @@ from typing import Any
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 from gunicorn.http import wsgi as gunicorn_wsgi
+from gunicorn.workers.gthread import ThreadWorker
+
+from .call_pool import ElasticPool
 
 # No version banner: gunicorn names itself in the Server header; name the service instead.
 gunicorn_wsgi.SERVER = "cds-service"
@@ -26,6 +29,21 @@ def check_port_free(host: str, port: int) -> None:
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections in TIME_WAIT do not count
         probe.bind((host, port))
+
+
+class CallThreadWorker(ThreadWorker):  # type: ignore[misc]
+    """gunicorn's gthread worker with an elastic pool: `threads` run calls at once; up to `spare_threads` more
+    stand in for calls waiting on a FHIR server (call_pool.ElasticPool)."""
+
+    spare_threads = 16
+
+    def get_thread_pool(self) -> ElasticPool:
+        # gunicorn documents this method as the place to change the worker's thread pool.
+        return ElasticPool(self.cfg.threads, self.spare_threads)
+
+
+def worker_class(spare_threads: int) -> type[CallThreadWorker]:
+    return type("CallThreadWorker", (CallThreadWorker,), {"spare_threads": spare_threads})
 
 
 class Server(BaseApplication):  # type: ignore[misc]
@@ -50,11 +68,12 @@ def serve(app: Flask, *, host: str, port: int, workers: int, threads: int, log_l
         "workers": workers,
         # Threads, not sync workers: a call waiting on the client's FHIR server (CRD Coverage read, up to
         # CDS_FHIR_TIMEOUT) must not stop the worker's other calls; sync workers fell to 31 req/s with a slow FHIR
-        # server. Two per worker by default (bench/README.md): CPU-bound calls share the GIL with one other call,
-        # not three (p99 31 vs 57 ms at 8 connections). Reads happen only for flagged orders without prefetched
-        # Coverage; where they are common, raise --threads (a quarter of calls waiting 200 ms: 63 req/s with 2,
-        # 95 with 4, 126 with 8).
-        "worker_class": "gthread",
+        # server. `threads` (2 by default) compute at once (bench/README.md): CPU-bound calls share the GIL with
+        # one other call, not three (p99 31 vs 57 ms at 8 connections). A call waiting on a FHIR server steps
+        # aside and a spare thread serves the next call: up to CDS_FHIR_MAX_READS of them, as many as the reads
+        # the worker lets run at once (with 2 fixed threads, 2 slow reads on one worker stalled its other calls
+        # for seconds: bench/slow_fhir.py).
+        "worker_class": worker_class(int(app.config.get("FHIR_MAX_READS", CallThreadWorker.spare_threads))),
         "threads": threads,
         # One listening socket per worker (SO_REUSEPORT) so the kernel spreads connections over the workers. With
         # the shared socket, the worker that wins accept() keeps every keep-alive connection it took: measured,

@@ -28,6 +28,13 @@ def _close_stores_opened_by_the_test() -> Iterator[None]:
         store.close()
 
 
+@pytest.fixture(autouse=True)
+def _spill_audit_records_into_the_tests_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audit records a test leaves unwritten at close go to its own folder, never to the shared instance folder
+    (where the next server a test starts would write them into its database)."""
+    monkeypatch.setenv("CDS_AUDIT_SPILL_DIR", str(tmp_path / "audit-spill"))
+
+
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[Flask]:
     application = create_app({"AUTH": "off", "DATABASE_URL": f"sqlite:///{tmp_path / 'cds.sqlite3'}"})

@@ -127,6 +127,10 @@ class TcpProxy:
     def stop(self) -> None:
         """Refuse new connections and cut the open ones."""
         if self._listener is not None:
+            # shutdown() first: close() alone leaves the accept() blocked in another thread running, and the
+            # kernel goes on accepting connections for it.
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
         with self._lock:

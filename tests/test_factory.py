@@ -19,6 +19,8 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert app.config["CORS_ORIGINS"] == []
     assert app.config["MAX_CONTENT_LENGTH"] == 5 * 1024 * 1024
     assert app.config["FHIR_TIMEOUT"] == 3.0
+    assert app.config["FHIR_MAX_READS"] == 16
+    assert (app.config["FHIR_BREAKER_FAILURES"], app.config["FHIR_BREAKER_COOLDOWN"]) == (3, 30.0)
 
 
 def test_environment_is_read_and_the_mapping_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,6 +46,10 @@ def test_prefixed_names_are_accepted_in_the_mapping(tmp_path: Path) -> None:
         ("FHIR_TIMEOUT", "soon"),
         ("FHIR_TIMEOUT", "0"),
         ("ALLOW_HTTP_FHIR", "perhaps"),
+        ("FHIR_MAX_READS", "0"),
+        ("FHIR_BREAKER_FAILURES", "three"),
+        ("FHIR_BREAKER_COOLDOWN", "-1"),
+        ("FHIR_BREAKER_WINDOW", "0"),
     ],
 )
 def test_bad_settings_stop_start_up(name: str, value: str) -> None:

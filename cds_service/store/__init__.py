@@ -8,12 +8,14 @@ import os
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import Any
 
 from ..audit import AuditSink, NullAudit
 from ..auth import Identity
 from ..feedback import FeedbackItem
-from .audit_writer import AuditWriter
+from . import spill
+from .audit_writer import AuditWriter, write_batch
 from .card_ids import CardIds
 from .db import Database, SchemaTooNew, StoreUnavailable, database_url, safe_url
 from .feedback_store import SaveResult, save_feedback
@@ -31,9 +33,13 @@ _open_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 class Store:
     """Everything the app keeps in the database. Nothing connects until first use, in the process that uses it."""
 
-    def __init__(self, db: Database, *, audit: bool = True, card_id_key: str | None = None) -> None:
+    def __init__(
+        self, db: Database, *, audit: bool = True, spill_dir: Path | None = None, card_id_key: str | None = None
+    ) -> None:
         self.db = db
-        self.writer = AuditWriter(db, self.ensure_schema)
+        # Audit records the database could not take before a process exited (None: none are kept).
+        self.spill_dir = spill_dir
+        self.writer = AuditWriter(db, self.ensure_schema, spill_dir=spill_dir)
         self.audit: AuditSink = self.writer if audit else NullAudit()
         self.jti_store = DatabaseJtiStore(db, self.ensure_schema)
         self.card_ids = CardIds(db, self.ensure_schema, card_id_key)
@@ -71,18 +77,31 @@ class Store:
         return current_revision(self.db)
 
     def prepare_serve(self) -> None:
-        """`cds-service serve`, before forking: migrate, or stop start-up with a message that says why."""
+        """`cds-service serve`, before forking: migrate, or stop start-up with a message that says why; then write
+        the audit records an earlier run spilled."""
         try:
             before, after = self.upgrade()
             # Read (or make) the card-id key once here: the forked workers inherit it and never wait for it.
             self.card_ids.key()
+            if before != after:
+                log.info("database %s migrated from %s to %s", safe_url(self.db.url), before or "empty", after)
+            if self.spill_dir is not None:
+                log.info("audit spill folder: %s", self.spill_dir)
+                self.replay_spill()
         except StoreUnavailable as exc:
             raise RuntimeError(f"cannot reach the database {safe_url(self.db.url)}: {exc}") from exc
         finally:
             # The master's connections must not be shared with the workers it forks.
             self.db.dispose()
-        if before != after:
-            log.info("database %s migrated from %s to %s", safe_url(self.db.url), before or "empty", after)
+
+    def replay_spill(self, folder: Path | None = None) -> spill.ReplayResult:
+        """Write spilled audit records (from `folder`, default the spill folder) to the database, idempotently."""
+        folder = folder or self.spill_dir
+        if folder is None:
+            return spill.ReplayResult()
+        return spill.replay(
+            self.db, folder, lambda conn, entries: write_batch(conn, self.db.backend, entries), self.ensure_schema
+        )
 
     # -- health --------------------------------------------------------------------------------------------------
     def _check(self) -> str | None:
@@ -133,6 +152,9 @@ class Store:
         if problem:
             store["error"] = problem
         store["audit"] = self.writer.stats() if isinstance(self.audit, AuditWriter) else "off"
+        if self.spill_dir is not None and (waiting := len(spill.pending_files(self.spill_dir))):
+            # Spilled by workers that stopped while the database was down: the next start writes them.
+            store["spillFiles"] = waiting
         if self.jti_store.failures:
             store["jtiFailures"] = self.jti_store.failures
         body: dict[str, Any] = {"store": store}
@@ -163,7 +185,7 @@ class Store:
             self.db.after_fork()
 
         def worker_exit(_server: Any, _worker: Any) -> None:
-            self.writer.close()
+            self.writer.close()  # what the database does not take in time goes to the spill folder
 
         return {"post_fork": post_fork, "worker_exit": worker_exit}
 
@@ -173,13 +195,11 @@ class Store:
 
 
 def open_store(settings: dict[str, Any], instance_path: str | os.PathLike[str]) -> Store:
-    """The Store for the settings (CDS_DATABASE_URL, CDS_AUDIT); connects lazily."""
+    """The Store for the settings (CDS_DATABASE_URL, CDS_AUDIT, CDS_AUDIT_SPILL_DIR); connects lazily."""
     known_revisions()  # read the migration scripts now, once, rather than on a hook's first audit write
-    return Store(
-        Database(database_url(settings.get("DATABASE_URL"), instance_path)),
-        audit=settings["AUDIT"],
-        card_id_key=settings.get("CARD_ID_KEY") or None,
-    )
+    spill_dir = Path(settings.get("AUDIT_SPILL_DIR") or Path(instance_path) / "audit-spill")
+    db = Database(database_url(settings.get("DATABASE_URL"), instance_path))
+    return Store(db, audit=settings["AUDIT"], spill_dir=spill_dir, card_id_key=settings.get("CARD_ID_KEY") or None)
 
 
 @atexit.register

@@ -9,13 +9,15 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import String, Table
+from sqlalchemy import Connection, String, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from ..audit import CallRecord
+from . import spill
 from .db import Database, SchemaTooNew, StoreUnavailable, short_error
 from .models import audit_call, audit_card
 
@@ -88,23 +90,48 @@ def call_rows(call_id: str, call: CallRecord) -> tuple[dict[str, Any], list[dict
     return row, cards
 
 
+def write_batch(conn: Connection, backend: str, batch: list[tuple[str, CallRecord]]) -> None:
+    """Insert the records (idempotent on call_id and card uuid) in small INSERTs with a GIL release between them:
+    converting rows is Python work, and a hook thread waiting for the GIL would otherwise wait up to the 5 ms
+    switch interval."""
+    insert_calls = insert_ignoring_duplicates(audit_call, backend)
+    insert_cards = insert_ignoring_duplicates(audit_card, backend)
+    for start in range(0, len(batch), _CHUNK):
+        calls: list[dict[str, Any]] = []
+        cards: list[dict[str, Any]] = []
+        for call_id, call in batch[start : start + _CHUNK]:
+            row, card_rows = call_rows(call_id, call)
+            calls.append(row)
+            cards.extend(card_rows)
+        conn.execute(insert_calls, calls)
+        if cards:
+            conn.execute(insert_cards, cards)
+        time.sleep(0)
+
+
 @dataclass
 class AuditStats:
-    """Counters for /health: what this process queued, wrote, failed to write and dropped."""
+    """Counters for /health: what this process queued, wrote, failed to write, spilled to a file and dropped."""
 
     queued: int = 0
     written: int = 0
     dropped: int = 0
+    spilled: int = 0
     failed_writes: int = 0
     failing_since: float | None = None
     last_error: str | None = None
 
+    @property
+    def pending(self) -> int:
+        return self.queued - self.written - self.dropped - self.spilled
+
     def as_dict(self) -> dict[str, Any]:
         return {
-            "pending": self.queued - self.written - self.dropped,
+            "pending": self.pending,
             "written": self.written,
             "failedWrites": self.failed_writes,
             "dropped": self.dropped,
+            **({"spilled": self.spilled} if self.spilled else {}),
             **({"lastError": self.last_error} if self.last_error else {}),
         }
 
@@ -120,6 +147,8 @@ class _ProcessState:
     stats: AuditStats = field(default_factory=AuditStats)
     stop_at: float | None = None  # set by close(): give up retrying after this monotonic time
     stopping: threading.Event = field(default_factory=threading.Event)
+    writing: list[tuple[str, CallRecord]] = field(default_factory=list)  # the batch the thread is writing now
+    given_up: list[tuple[str, CallRecord]] = field(default_factory=list)  # batches not written by stop_at
 
 
 class AuditWriter:
@@ -130,12 +159,15 @@ class AuditWriter:
         db: Database,
         ensure_schema: Any,
         *,
+        spill_dir: Path | None = None,
         batch_window: float = 0.2,
         max_batch: int = 500,
         max_pending: int = 100_000,
     ) -> None:
         self.db = db
         self._ensure_schema = ensure_schema
+        # Where records still unwritten at close() go (None: they are lost, and logged).
+        self.spill_dir = spill_dir
         self.batch_window = batch_window
         self.max_batch = max_batch
         self.max_pending = max_pending
@@ -148,7 +180,7 @@ class AuditWriter:
             state = self._process_state(start=True)
             stats = state.stats
             with state.done:
-                if stats.queued - stats.written - stats.dropped >= self.max_pending:
+                if stats.pending >= self.max_pending:
                     stats.dropped += 1
                     stats.queued += 1
                     dropped = stats.dropped
@@ -202,14 +234,19 @@ class AuditWriter:
         state.queue.put(_FLUSH)
         deadline = time.monotonic() + timeout
         with state.done:
-            while state.stats.written + state.stats.dropped < target:
+            while state.stats.queued - state.stats.pending < target:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not state.done.wait(remaining):
-                    return state.stats.written + state.stats.dropped >= target
+                    return state.stats.queued - state.stats.pending >= target
         return True
 
-    def close(self, timeout: float = 15.0) -> None:
-        """Write everything queued, then stop the thread (gunicorn worker_exit, atexit). Idempotent."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Write everything queued, then stop the thread (gunicorn worker_exit, atexit). Idempotent.
+
+        What the database has not taken after `timeout` seconds of retrying goes to a spill file (written back to
+        the database on the next start). 10 s, not more: gunicorn kills a worker 20 s (graceful_timeout) after it
+        was told to stop, and the worker first finishes its calls in flight.
+        """
         state = self._state
         if state is None or state.pid != os.getpid() or state.thread is None:
             return
@@ -220,12 +257,53 @@ class AuditWriter:
         with self._lock:
             if self._state is state:
                 self._state = None  # a record after close() starts a new writer
+        leftovers = self._leftovers(state)
+        spilled_to = self._spill(state, leftovers) if leftovers else None
         with state.done:
-            lost = state.stats.queued - state.stats.written - state.stats.dropped
+            lost = state.stats.pending
         if lost:
             log.error("audit: %d answered calls could not be written before exit (%s)", lost, state.stats.last_error)
+        elif spilled_to:
+            log.warning(
+                "audit: %d answered calls could not be written before exit (%s); spilled to %s, written to the "
+                "database on the next start",
+                len(leftovers),
+                state.stats.last_error,
+                spilled_to,
+            )
         else:
             log.info("audit: all %d records of this process written", state.stats.written)
+
+    def _leftovers(self, state: _ProcessState) -> list[tuple[str, CallRecord]]:
+        """Every record not written: batches given up, the batch a stuck thread is still writing, the queue."""
+        with state.done:
+            entries = list(state.given_up)
+            state.given_up.clear()
+            if state.thread is not None and state.thread.is_alive():
+                # Stuck in a database call past its deadline: spill its batch too. Should that write still succeed,
+                # the replay finds the call ids already stored and skips them.
+                entries.extend(state.writing)
+        while True:
+            try:
+                item = state.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP and item is not _FLUSH:
+                entries.append(item)
+        state.queue.put(_STOP)  # a thread that comes back from a stuck write finds it and ends
+        return entries
+
+    def _spill(self, state: _ProcessState, entries: list[tuple[str, CallRecord]]) -> Path | None:
+        if self.spill_dir is None:
+            return None
+        try:
+            path, count = spill.spill(self.spill_dir, entries)
+        except OSError as exc:
+            log.error("audit: could not spill %d records to %s: %s", len(entries), self.spill_dir, exc)
+            return None
+        with state.done:
+            state.stats.spilled += count
+        return path
 
     # -- the writer thread ---------------------------------------------------------------------------------------
     def _run(self, state: _ProcessState) -> None:
@@ -255,18 +333,27 @@ class AuditWriter:
                     if item is not _STOP and item is not _FLUSH:
                         batch.append(item)
             for start in range(0, len(batch), self.max_batch):
+                part = batch[start : start + self.max_batch]
+                with state.done:
+                    state.writing = part
                 try:
-                    self._write_with_retry(state, batch[start : start + self.max_batch])
+                    if not self._write_with_retry(state, part):
+                        with state.done:
+                            state.given_up.extend(part)  # close() spills them
                 except Exception:  # never let the writer thread die: later records still need writing
                     log.exception("audit writer failed on a batch of %d records", len(batch))
                     with state.done:
-                        state.stats.dropped += len(batch[start : start + self.max_batch])
+                        state.stats.dropped += len(part)
+                finally:
+                    with state.done:
+                        state.writing = []
             with state.done:
                 state.done.notify_all()
 
-    def _write_with_retry(self, state: _ProcessState, batch: list[tuple[str, CallRecord]]) -> None:
+    def _write_with_retry(self, state: _ProcessState, batch: list[tuple[str, CallRecord]]) -> bool:
+        """Write the batch, retrying while the database is unreachable; False when close()'s deadline passed first."""
         if not batch:
-            return
+            return True
         delay = 0.25
         while True:
             try:
@@ -274,10 +361,10 @@ class AuditWriter:
             except (StoreUnavailable, SchemaTooNew, DBAPIError) as exc:
                 if isinstance(exc, DBAPIError) and not exc.connection_invalidated and not _is_connectivity(exc):
                     self._write_one_by_one(state, batch)
-                    return
+                    return True
                 self._failed(state, exc, len(batch))
                 if state.stop_at is not None and time.monotonic() >= state.stop_at:
-                    return
+                    return False
                 if state.stop_at is None:
                     state.stopping.wait(delay)  # close() wakes it: from then on its deadline bounds the retries
                 else:
@@ -287,9 +374,9 @@ class AuditWriter:
             except Exception as exc:  # a record the database or the JSON encoder refuses: isolate it
                 self._failed(state, exc, len(batch))
                 self._write_one_by_one(state, batch)
-                return
+                return True
             self._written(state, len(batch))
-            return
+            return True
 
     def _write_one_by_one(self, state: _ProcessState, batch: list[tuple[str, CallRecord]]) -> None:
         """A batch the database refuses (not a connection problem): keep every record it accepts, drop the rest."""
@@ -304,23 +391,10 @@ class AuditWriter:
                 self._written(state, 1)
 
     def _write(self, batch: list[tuple[str, CallRecord]]) -> None:
-        """One transaction for the batch, sent in small INSERTs with a GIL release between them: converting rows is
-        Python work, and a hook thread waiting for the GIL would otherwise wait up to the 5 ms switch interval."""
+        """One transaction for the batch."""
         self._ensure_schema()
-        insert_calls = insert_ignoring_duplicates(audit_call, self.db.backend)
-        insert_cards = insert_ignoring_duplicates(audit_card, self.db.backend)
         with self.db.engine.begin() as conn:
-            for start in range(0, len(batch), _CHUNK):
-                calls: list[dict[str, Any]] = []
-                cards: list[dict[str, Any]] = []
-                for call_id, call in batch[start : start + _CHUNK]:
-                    row, card_rows = call_rows(call_id, call)
-                    calls.append(row)
-                    cards.extend(card_rows)
-                conn.execute(insert_calls, calls)
-                if cards:
-                    conn.execute(insert_cards, cards)
-                time.sleep(0)
+            write_batch(conn, self.db.backend, batch)
 
     def _written(self, state: _ProcessState, count: int) -> None:
         with state.done:
@@ -330,7 +404,7 @@ class AuditWriter:
                 log.warning(
                     "audit store reachable again after %.1f s; %d records waiting",
                     time.monotonic() - stats.failing_since,
-                    stats.queued - stats.written - stats.dropped,
+                    stats.pending,
                 )
             stats.failing_since = None
             stats.last_error = None
@@ -343,7 +417,7 @@ class AuditWriter:
             first = stats.failing_since is None
             if first:
                 stats.failing_since = time.monotonic()
-            pending = stats.queued - stats.written - stats.dropped
+            pending = stats.pending
             failures = stats.failed_writes
         # Log the first failure of a streak and then every 20th, not every retry.
         if first or failures % 20 == 0:

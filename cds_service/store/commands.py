@@ -1,10 +1,11 @@
-"""The storage subcommands of `cds-service`: db upgrade, audit purge, report."""
+"""The storage subcommands of `cds-service`: db upgrade, audit purge, audit replay-spill, report."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from .. import config as config_module
@@ -84,6 +85,26 @@ def reason_displays(settings: dict[str, Any]) -> dict[tuple[str, str], str]:
     return {(r.system, r.code): r.display for p in policies.policies for r in p.card.override_reasons}
 
 
+def cmd_audit_replay_spill(args: argparse.Namespace) -> int:
+    store = _store()
+    folder = args.dir or store.spill_dir
+    try:
+        result = store.replay_spill(folder)
+    except (StoreUnavailable, SchemaTooNew) as exc:
+        _say(f"cds-service: {exc}", error=True)
+        return 1
+    finally:
+        store.db.dispose()
+    _say(
+        f"{folder}: {result.files} spill files written to {safe_url(store.db.url)} and removed: {result.records} "
+        f"records, {result.inserted} new, {result.records - result.inserted} already stored"
+        + (f"; {result.rejected_lines} lines that are not records kept as *.rejected" if result.rejected_lines else "")
+        + (f"; {result.skipped_files} files still being written, left alone" if result.skipped_files else "")
+        + (f"; {result.failed_files} files the database refused, kept" if result.failed_files else "")
+    )
+    return 1 if result.failed_files else 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     store = _store()
     try:
@@ -125,6 +146,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="age such as 400d, 52w or 36h (default 400d: keeps more than a year)",
     )
     prune.set_defaults(func=cmd_audit_purge)
+    replay = audit_sub.add_parser(
+        "replay-spill", help="write audit records spilled while the database was down (serve does it on start)"
+    )
+    replay.add_argument("--dir", type=Path, help="spill folder (default: CDS_AUDIT_SPILL_DIR or the instance folder's)")
+    replay.set_defaults(func=cmd_audit_replay_spill)
 
     report = sub.add_parser("report", help="calls, flagged orders, cards, accepts and overrides (monthly report)")
     report.add_argument("--since", type=parse_since, metavar="DATE", help="from this date (UTC); default: everything")

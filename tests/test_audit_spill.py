@@ -1,0 +1,170 @@
+"""Nothing lost at shutdown: audit records the database did not take are spilled to a local file (one JSON record a
+line, fsynced, one file per process) and written back exactly once, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import shutil
+import stat
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from cds_service import cli, create_app
+from cds_service.audit import CallRecord
+from cds_service.store import Store, open_store
+from cds_service.store import spill as spill_module
+from cds_service.store.models import audit_call, audit_card
+from cds_service.store.spill import decode, encode, spill
+
+from .conftest import SIGN
+from .store_support import down_then_up, flagged_call, table_rows, temp_database, wait_for
+
+
+def spill_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("audit-spill-*.jsonl"))
+
+
+def store_on(url: str, folder: Path) -> Store:
+    return open_store({"DATABASE_URL": url, "AUDIT": True, "AUDIT_SPILL_DIR": str(folder)}, "/nonexistent")
+
+
+def hook_instances(url: str) -> list[str]:
+    return sorted(row.hook_instance for row in table_rows(url, audit_call))
+
+
+def test_records_the_database_never_took_are_spilled_at_close_and_written_once_on_replay(
+    backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    folder = tmp_path / "spill"
+    with temp_database(backend, tmp_path) as real_url, down_then_up(backend, tmp_path, real_url) as (url, bring_up):
+        app = create_app({"AUTH": "off", "DATABASE_URL": url, "AUDIT_SPILL_DIR": str(folder)})
+        client = app.test_client()
+        sent = []
+        for _ in range(3):
+            body = flagged_call()
+            sent.append(body["hookInstance"])
+            assert client.post(f"/cds-services/{SIGN}", json=body).status_code == 200
+        writer = app.extensions["cds_store"].writer
+        wait_for(lambda: writer.stats()["failedWrites"] >= 1, what="a failed audit write")
+        writer.close(timeout=0.5)
+        [path] = spill_files(folder)
+        assert "3 answered calls could not be written before exit" in caplog.text and str(path) in caplog.text
+        assert writer.stats()["pending"] == 0
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600  # patient data: the service's user only
+        lines = path.read_bytes().splitlines()
+        assert sorted(decode(line)[1].hook_instance for line in lines) == sorted(sent)
+        kept = tmp_path / "copy.jsonl"
+        shutil.copy(path, kept)
+
+        bring_up()
+        later = store_on(url, folder)
+        result = later.replay_spill()
+        assert (result.files, result.records, result.inserted) == (1, 3, 3)
+        assert spill_files(folder) == []
+        assert hook_instances(url) == sorted(sent)
+        # The same file again (a crash between the commit and the removal): nothing is stored twice.
+        shutil.copy(kept, folder / path.name)
+        again = later.replay_spill()
+        assert (again.records, again.inserted) == (3, 0)
+        assert hook_instances(url) == sorted(sent)
+        assert len(table_rows(url, audit_card)) == 3
+        later.close()
+
+
+def tricky_record() -> CallRecord:
+    return CallRecord(
+        service_id=SIGN,
+        started_at=datetime(2026, 12, 5, 9, 8, 7, 654321, tzinfo=timezone(timedelta(hours=2))),
+        hook="order-sign",
+        hook_instance="b2c3d4e5-0000-4000-8000-000000000001",
+        iss="https://ehr.example.org",
+        tenant="clinic-ü",
+        jti="jti-\u00e9-1",
+        user_id="Practitioner/p\x00-1",  # a NUL: PostgreSQL refuses it, so it is cleaned on the way in
+        patient_id="Patient/\U0001f600",
+        orders=[{"order": "ServiceRequest/sr1", "verdict": "flagged", "score": 0.1 + 0.2, "n": 2**53 + 1}],
+        cards=[{"uuid": "card-uuid-1", "orders": ["ServiceRequest/sr1"], "nested": {"a": [None, True, 1e-7]}}],
+        system_actions=[{"type": "update", "resource": "ServiceRequest/sr1"}],
+        coverage_assertions=["ca-1"],
+        notes=["Coverage unknown: reading it from the FHIR server failed (no complete answer within 3 s)"],
+        status=200,
+        error=None,
+        duration_ms=12.345678901234567,
+    )
+
+
+def test_a_spilled_record_is_stored_exactly_as_one_written_directly(backend: str, tmp_path: Path) -> None:
+    record = tricky_record()
+    assert decode(encode("call-1", record)) == ("call-1", record)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with temp_database(backend, tmp_path / "a") as direct_url, temp_database(backend, tmp_path / "b") as spilled_url:
+        direct = store_on(direct_url, tmp_path / "unused")
+        direct.writer.record(record)
+        assert direct.writer.flush(10)
+        [direct_row] = table_rows(direct_url, audit_call)
+        direct.close()
+
+        folder = tmp_path / "spill"
+        spill(folder, [(direct_row.call_id, record)])
+        replayed = store_on(spilled_url, folder)
+        assert replayed.replay_spill().inserted == 1
+        replayed.close()
+        [spilled_row] = table_rows(spilled_url, audit_call)
+        assert spilled_row._asdict() | {"id": 0} == direct_row._asdict() | {"id": 0}
+        assert spilled_row.started_at == record.started_at and spilled_row.orders == record.orders
+        assert table_rows(spilled_url, audit_card) == table_rows(direct_url, audit_card)
+
+
+def test_lines_that_are_not_whole_records_are_kept_aside(tmp_path: Path, db_url: str) -> None:
+    folder = tmp_path / "spill"
+    good = CallRecord(service_id=SIGN, hook_instance="good")
+    path, _ = spill(folder, [("call-good", good)])
+    assert path is not None
+    cut = encode("call-cut", CallRecord(service_id=SIGN, hook_instance="cut"))
+    with path.open("ab") as out:
+        out.write(b'{"format": "something-else"}\n' + cut[: len(cut) // 2])  # a foreign line, a write cut short
+    store = store_on(db_url, folder)
+    result = store.replay_spill()
+    store.close()
+    assert (result.records, result.inserted, result.rejected_lines) == (1, 1, 2)
+    assert hook_instances(db_url) == ["good"]
+    assert spill_files(folder) == []
+    rejected = path.with_name(path.name + ".rejected").read_bytes().splitlines()
+    assert rejected == [b'{"format": "something-else"}', cut[: len(cut) // 2]]
+
+
+def test_a_file_another_process_is_still_writing_is_left_alone(tmp_path: Path, db_url: str) -> None:
+    folder = tmp_path / "spill"
+    path, _ = spill(folder, [("call-1", CallRecord(service_id=SIGN, hook_instance="busy"))])
+    assert path is not None
+    store = store_on(db_url, folder)
+    with path.open("rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert store.replay_spill().skipped_files == 1
+    assert store.replay_spill().inserted == 1
+    store.close()
+    assert hook_instances(db_url) == ["busy"]
+
+
+def test_health_says_spill_files_are_waiting(tmp_path: Path, store_app: Flask) -> None:
+    folder = Path(store_app.extensions["cds_store"].spill_dir)
+    spill(folder, [("call-1", CallRecord(service_id=SIGN))])
+    body = store_app.test_client().get("/health").get_json()
+    assert body["store"]["spillFiles"] == 1
+
+
+def test_the_replay_command(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    folder = tmp_path / "elsewhere"
+    spill(folder, [(f"call-{i}", CallRecord(service_id=SIGN, hook_instance=str(i))) for i in range(4)])
+    monkeypatch.setenv("CDS_DATABASE_URL", db_url)
+    assert cli.main(["audit", "replay-spill", "--dir", str(folder)]) == 0
+    assert "1 spill files written" in capsys.readouterr().out
+    assert hook_instances(db_url) == ["0", "1", "2", "3"]
+    assert spill_module.pending_files(folder) == []
