@@ -372,7 +372,9 @@ def _requires(mention: _Mention) -> frozenset[str]:
 def _evidence(ref: Meaning, mention: _Mention) -> Evidence:
     if mention.written:
         # Quote what the order says; name the word it was read as without quotes.
-        label = _label(ref, mention.written, mention.place).replace(" (in the ", f" (read as {mention.hit.text}, in the ")
+        label = _label(ref, mention.written, mention.place).replace(
+            " (in the ", f" (read as {mention.hit.text}, in the "
+        )
     else:
         label = _label(ref, mention.hit.text, mention.place)
     return Evidence(
