@@ -15,6 +15,7 @@ from sqlalchemy import String, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from .. import metrics
 from ..audit import CallRecord
 from .db import Database, SchemaTooNew, StoreUnavailable, short_error
 from .models import audit_call, audit_card
@@ -156,10 +157,13 @@ class AuditWriter:
                     stats.queued += 1
                     dropped = 0
             if dropped:
+                metrics.audit_queued()
+                metrics.audit_failed(1)
                 if dropped == 1 or dropped % 1000 == 0:
                     log.error("audit queue full (%d records waiting): %d records dropped", self.max_pending, dropped)
                 return
             state.queue.put((str(uuid.uuid4()), call))
+            metrics.audit_queued()
         except Exception:  # the hook must answer whatever happens to its audit record
             log.exception("could not queue an audit record")
 
@@ -223,6 +227,7 @@ class AuditWriter:
         with state.done:
             lost = state.stats.queued - state.stats.written - state.stats.dropped
         if lost:
+            metrics.audit_failed(lost)
             log.error("audit: %d answered calls could not be written before exit (%s)", lost, state.stats.last_error)
         else:
             log.info("audit: all %d records of this process written", state.stats.written)
@@ -261,6 +266,7 @@ class AuditWriter:
                     log.exception("audit writer failed on a batch of %d records", len(batch))
                     with state.done:
                         state.stats.dropped += len(batch[start : start + self.max_batch])
+                    metrics.audit_failed(len(batch[start : start + self.max_batch]))
             with state.done:
                 state.done.notify_all()
 
@@ -300,6 +306,7 @@ class AuditWriter:
                 log.error("audit record %s for %s refused: %s", entry[0], entry[1].service_id, short_error(exc))
                 with state.done:
                     state.stats.dropped += 1
+                metrics.audit_failed(1)
             else:
                 self._written(state, 1)
 
@@ -323,6 +330,7 @@ class AuditWriter:
                 time.sleep(0)
 
     def _written(self, state: _ProcessState, count: int) -> None:
+        metrics.audit_written(count)
         with state.done:
             stats = state.stats
             stats.written += count
