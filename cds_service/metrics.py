@@ -211,14 +211,12 @@ class Metrics:
         self.policy_load_duration.set(took)
 
     def after_fork(self) -> None:
-        """In a new worker: its own copies of the gauges start empty; show what it runs."""
+        """In a new worker: its own copies of the gauges start at zero; show the policies it runs. Breakers are per
+        process, so the worker starts with none."""
         with self._lock:
-            shown, self._shown = self._shown, set()
-            servers, self._servers = self._servers, set()
-        for labels in shown:
-            self.policy_info.labels(*labels).set(1)
-            self._shown.add(labels)
-        del servers  # breakers are per process: the worker reports its own
+            self._servers = set()
+            for labels in self._shown:
+                self.policy_info.labels(*labels).set(1)
 
     def breaker(self, server: str, state: str) -> None:
         with self._lock:
@@ -231,19 +229,18 @@ class Metrics:
 
     # -- exposition -------------------------------------------------------------------------------------------------
     def exposition(self) -> tuple[bytes, str]:
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
-        if self.registry is not None:
-            return generate_latest(self.registry), CONTENT_TYPE_LATEST
-        from prometheus_client import multiprocess
-
-        registry = CollectorRegistry()
-        registry.register(_LiveOnly(multiprocess.MultiProcessCollector(registry=None)))
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        # Multiprocess mode: read every worker's files at each scrape (the client library's documented way).
+        source = self.registry if self.registry is not None else multiprocess.MultiProcessCollector(registry=None)
+        view = CollectorRegistry()
+        view.register(_LiveOnly(source))
+        return generate_latest(view), CONTENT_TYPE_LATEST
 
 
 class _LiveOnly:
-    """The multiprocess collector without info samples at 0: a policy no live process runs any more."""
+    """Leaves out the state gauges' samples at 0: a policy no live process runs any more, a breaker state no live
+    process holds (multiprocess mode keeps their files; in-process, reload and state changes leave them at 0)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -321,13 +318,15 @@ def audit_queued() -> None:
         _guarded("audit_queued", m.audit_queue.inc)
 
 
-def audit_written(count: int) -> None:
+def audit_written(count: int, *, from_spill: bool = False) -> None:
+    """Records written to the database; `from_spill`: read back from the spill file (they left the queue already)."""
     m = _current
     if m is not None and count:
 
         def done() -> None:
             m.audit_records.labels("written").inc(count)
-            m.audit_queue.dec(count)
+            if not from_spill:
+                m.audit_queue.dec(count)
 
         _guarded("audit_written", done)
 
@@ -345,7 +344,8 @@ def audit_failed(count: int) -> None:
 
 
 def audit_spilled(count: int) -> None:
-    """Records set aside in the spill file while the database is unreachable (they leave the queue)."""
+    """Queued records set aside in the spill file while the database is unreachable (they leave the queue; when they
+    are written later, count them with audit_written(n, from_spill=True))."""
     m = _current
     if m is not None and count:
 

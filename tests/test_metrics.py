@@ -11,7 +11,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from cds_service import create_app
+from cds_service import create_app, metrics
 from cds_service.metrics import REFUSAL_LABELS, refusal_label
 
 from . import builders as b
@@ -171,3 +171,28 @@ def test_a_metrics_token_is_required_when_set(tmp_path: Path) -> None:
     assert "cds_calls_total" in client.get("/metrics", headers={"Authorization": "Bearer scrape-me"}).get_data(
         as_text=True
     )
+
+
+def test_the_hooks_for_breakers_and_the_spill_file_count_when_on_and_do_nothing_when_off(tmp_path: Path) -> None:
+    # The circuit breaker (fhir_client) and the audit spill file call these; they must never raise.
+    app = create_app({"AUTH": "off", "DATABASE_URL": f"sqlite:///{tmp_path / 'a.sqlite3'}"})
+    metrics.breaker_state("https://ehr.example.org:443/fhir", "open")
+    metrics.breaker_state("https://ehr.example.org:443/fhir", "half-open")
+    metrics.breaker_state("https://other.example.org:443/fhir", "closed")
+    metrics.audit_queued()
+    metrics.audit_queued()
+    metrics.audit_spilled(2)
+    metrics.audit_written(2, from_spill=True)
+    s = scrape(app.test_client())
+    server = "https://ehr.example.org:443/fhir"
+    assert value(s, "cds_fhir_breaker_state", server=server, state="half-open") == 1
+    assert ("cds_fhir_breaker_state", (("server", server), ("state", "open"))) not in s  # 0: left out
+    assert value(s, "cds_fhir_breaker_state", server="https://other.example.org:443/fhir", state="closed") == 1
+    assert value(s, "cds_audit_records_total", state="spilled") == 2
+    assert value(s, "cds_audit_records_total", state="written") == 2
+    assert value(s, "cds_audit_queue_depth") == 0
+
+    create_app({"AUTH": "off", "DATABASE_URL": f"sqlite:///{tmp_path / 'b.sqlite3'}", "METRICS": "off"})
+    assert metrics.current() is None
+    metrics.breaker_state("https://ehr.example.org:443/fhir", "open")
+    metrics.audit_spilled(1)
