@@ -122,7 +122,7 @@ def _install_call_context(app: Flask) -> None:
 
     @app.before_request
     def begin() -> None:
-        if request.endpoint not in CALL_ENDPOINTS:
+        if request.method != "POST" or request.endpoint not in CALL_ENDPOINTS:  # not a CORS preflight
             return
         service_id = (request.view_args or {}).get("service_id")
         known = service_id in app.extensions["cds"].policies.services

@@ -93,8 +93,10 @@ class PolicyReloader:
         with self._lock:
             started = time.monotonic()
             source = self._snapshot() if self.state_dir is not None else self.folder
+            problems: list[object]
             try:
-                policies, problems = check_policies(source)
+                policies, found = check_policies(source)
+                problems = list(found)
             except Exception as exc:  # a bug in the checker must not take the server down
                 log.exception("policy reload: checking %s failed", self.folder)
                 policies, problems = None, [f"{type(exc).__name__}: {exc}"]
