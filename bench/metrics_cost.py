@@ -36,7 +36,8 @@ def one_record() -> CallRecord:
     orders = [b.service_request("d1", text="Digital motion x-ray of the cervical spine")]
     orders += [b.service_request(f"x{i}", text=f"XR lumbar spine {i} views") for i in range(4)]
     response = app.test_client().post("/cds-services/dsv-order-sign", json=b.hook_request("order-sign", orders))
-    assert response.status_code == 200
+    if response.status_code != 200:
+        raise SystemExit(f"the call answered {response.status_code}")
     app.extensions["cds"].audit.inner = inner
     return seen[0]
 
@@ -57,7 +58,8 @@ def per_call(record: CallRecord) -> list[float]:
 def main() -> None:
     record = one_record()
     m = metrics.current()
-    assert m is not None and m.multiprocess
+    if m is None or not m.multiprocess:
+        raise SystemExit("metrics are not in multiprocess mode")
     print(f"record: {len(record.orders)} orders, {len(record.cards)} cards, status {record.status}")
     rounds = per_call(record)
     print(f"metrics per call: median {statistics.median(rounds):.1f} us (rounds {min(rounds):.1f}-{max(rounds):.1f})")

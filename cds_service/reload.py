@@ -92,14 +92,16 @@ class PolicyReloader:
         """Check the policy files; when they are valid, switch to them. The master's SIGHUP, or in-process."""
         with self._lock:
             started = time.monotonic()
-            source = self._snapshot() if self.state_dir is not None else self.folder
+            source = self.folder
             problems: list[object]
             try:
+                if self.state_dir is not None:
+                    source = self._snapshot()
                 policies, found = check_policies(source)
                 problems = list(found)
-            except Exception as exc:  # a bug in the checker must not take the server down
+            except Exception as exc:  # an unreadable folder, a bug in the checker: never take the server down
                 log.exception("policy reload: checking %s failed", self.folder)
-                policies, problems = None, [f"{type(exc).__name__}: {exc}"]
+                policies, problems = None, [f"{self.folder}: {type(exc).__name__}: {exc}"]
             if policies is None:
                 error = "\n".join(str(p) for p in problems).replace(str(source), str(self.folder))
                 self.last = {"ok": False, "at": now_iso(), "error": error}
@@ -150,8 +152,11 @@ class PolicyReloader:
                 state["snapshot"] = previous.get("snapshot")
         path = self.state_dir / STATE_FILE
         temporary = path.with_suffix(".tmp")
-        temporary.write_bytes(orjson.dumps(state))
-        os.replace(temporary, path)
+        try:
+            temporary.write_bytes(orjson.dumps(state))
+            os.replace(temporary, path)  # workers never read a half-written state
+        except OSError as exc:
+            log.error("policy reload: cannot tell the workers (%s): %s", path, exc)
 
     def _read_state(self) -> dict[str, Any] | None:
         if self.state_dir is None:
