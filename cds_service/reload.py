@@ -72,9 +72,9 @@ class PolicyReloader:
         """The policies now answering: logged (id, version, hash) and shown in the metrics."""
         policies = self.runtime.policies
         for policy in policies.policies:
-            log.info(
-                "policy %s version %s (sha256 %s) from %s", policy.id, policy.version, policy.sha256, policy.source
-            )
+            # The file the operator edited, not the snapshot copy it was loaded from.
+            source = self.folder / policy.source.name
+            log.info("policy %s version %s (sha256 %s) from %s", policy.id, policy.version, policy.sha256, source)
         m = metrics.current()
         if m is not None:
             m.show_policies(policies.policies, time.time(), took)
