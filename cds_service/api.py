@@ -10,6 +10,7 @@ import orjson
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from . import metrics
 from .audit import CallRecord
 from .auth import AuthError, Identity
 from .calls import answer
@@ -78,6 +79,7 @@ def authenticate(rt: Runtime, path: str, record: CallRecord | None = None) -> Id
     try:
         identity = rt.authenticator.verify(request.headers.get("Authorization"), rt.public_url + path)
     except AuthError as exc:
+        metrics.jwt_refused(exc.reason)
         who = exc.identity
         # The reason and the token's (sanitised) iss, kid, jti and tenant; never the token itself.
         log.warning(

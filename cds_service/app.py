@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +14,7 @@ from . import config as config_module
 from .api import bp, discovery_document, json_response
 from .errors import ServiceError, issue_type, operation_outcome
 from .feedback_api import bp as feedback_bp
+from .operate import install as install_operations
 from .runtime import build_runtime
 from .store import open_store
 
@@ -24,6 +26,7 @@ _NO_STORE_PREFIX = "/cds-services/"
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app. `config` takes the CDS_* setting names without the prefix and wins over the environment."""
+    started = time.monotonic()
     settings = config_module.load(config)
     app = Flask(__name__, instance_relative_config=True)
     app.config.update(settings)
@@ -41,6 +44,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(bp)
     app.register_blueprint(feedback_bp)
+    # /metrics, JSON log context, live policy reload and the /health fields they add (operate.py).
+    install_operations(app, settings, started)
     _install_cors(app, settings["CORS_ORIGINS"])
     _install_errors(app)
     app.after_request(_security_headers)

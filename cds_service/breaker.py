@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import metrics
+
 log = logging.getLogger(__name__)
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
@@ -156,6 +158,7 @@ class BreakerBoard:
     def _move(self, breaker: _Breaker, state: str) -> None:
         breaker.state = state
         breaker.generation += 1
+        metrics.breaker_state(breaker.server, state)
 
     def _open(self, breaker: _Breaker) -> None:
         self._move(breaker, OPEN)

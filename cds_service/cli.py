@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -35,10 +34,23 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .logs import configure
+    from .operate import serving
+
+    try:
+        settings = config_module.load()
+    except config_module.ConfigError as exc:
+        return _fail(str(exc), 2)
+    # Before anything logs: in JSON mode every line on stdout and stderr is a JSON object, this one's too.
+    configure(settings["LOG_FORMAT"], "INFO")
+    with serving(settings) as private_dir:
+        return _serve(args, private_dir)
+
+
+def _serve(args: argparse.Namespace, private_dir: str) -> int:
     from .app import create_app
     from .server import check_port_free, default_workers, serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = create_app()
     except (PolicyError, config_module.ConfigError) as exc:
@@ -53,6 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_port_free(args.host, args.port)
     except OSError as exc:
         return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", 2)
+    # SIGHUP reloads the policy files through snapshots in the run's private folder (reload.py).
+    app.extensions["cds_reloader"].serve_from(private_dir)
     serve(
         app,
         host=args.host,

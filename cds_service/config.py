@@ -27,6 +27,10 @@ DEFAULTS: dict[str, Any] = {
     "AUDIT": True,
     "CARD_ID_KEY": None,  # None: a key made once in the database (marks card uuids as this service's)
     "LOG_LEVEL": "INFO",
+    "LOG_FORMAT": "text",  # text | json (one JSON object per line)
+    "ACCESS_LOG": None,  # None: on with LOG_FORMAT=json, off with text
+    "METRICS": True,  # GET /metrics (Prometheus)
+    "METRICS_TOKEN": None,  # when set, /metrics wants `Authorization: Bearer <token>`
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -80,6 +84,14 @@ def normalise(settings: dict[str, Any]) -> dict[str, Any]:
     out["ALLOW_HTTP_FHIR"] = as_bool("ALLOW_HTTP_FHIR", out["ALLOW_HTTP_FHIR"])
     out["AUDIT"] = as_bool("AUDIT", out["AUDIT"])
     out["CORS_ORIGINS"] = _cors_origins(out["CORS_ORIGINS"])
+    out["LOG_FORMAT"] = str(out["LOG_FORMAT"]).strip().lower()
+    if out["LOG_FORMAT"] not in ("text", "json"):
+        raise ConfigError(f"CDS_LOG_FORMAT: expected 'text' or 'json', got {settings['LOG_FORMAT']!r}")
+    access = out["ACCESS_LOG"]
+    out["ACCESS_LOG"] = out["LOG_FORMAT"] == "json" if access is None else as_bool("ACCESS_LOG", access)
+    out["METRICS"] = as_bool("METRICS", out["METRICS"])
+    token = out["METRICS_TOKEN"]
+    out["METRICS_TOKEN"] = (str(token).strip() or None) if token is not None else None
     issuers = out["TRUSTED_ISSUERS"]
     # A path to the issuers JSON file (read by auth.build_authenticator); empty means none.
     out["TRUSTED_ISSUERS"] = (str(issuers).strip() or None) if issuers is not None else None

@@ -6,6 +6,7 @@ import logging
 
 from flask import Blueprint, Response, current_app
 
+from . import metrics
 from .api import authenticate, json_response, read_json, runtime
 from .errors import ServiceError, operation_outcome
 from .feedback import parse_feedback
@@ -34,6 +35,11 @@ def post_feedback(service_id: str) -> Response:
         log.error("feedback for %s not stored (%d items): %s", service_id, len(items), exc)
         # 503 rather than 200: the client keeps the feedback and may send it again; nothing was stored.
         raise ServiceError(503, "Feedback could not be stored right now; send it again later.") from None
+    known_reasons = frozenset(
+        reason.code for policy in rt.policies.services[service_id].policies for reason in policy.card.override_reasons
+    )
+    for item in result.stored_items:
+        metrics.feedback_stored(item.outcome, item.override_code, known_reasons)
     if result.unknown_cards:
         log.info("feedback for %d unknown card uuids on %s stored and flagged", len(result.unknown_cards), service_id)
     return json_response(

@@ -17,6 +17,7 @@ import orjson
 import requests
 import urllib3
 
+from . import metrics
 from .breaker import BreakerBoard, BreakerOpen, BreakerSettings, server_key
 from .call_pool import blocking_io
 from .engine.crd import CoverageResult
@@ -457,7 +458,15 @@ class CoverageFinder:
 
     def _read(self, request: HookRequest, name: str, query: str) -> list[dict[str, Any]]:
         if name not in request.fetched:
-            request.fetched[name] = self.reader.read(request.fhir_server or "", query, request.access_token)
+            started = time.perf_counter()
+            try:
+                request.fetched[name] = self.reader.read(request.fhir_server or "", query, request.access_token)
+            except FetchError as exc:
+                # "skipped": no read was attempted (an open circuit breaker, no free read slot, reads off).
+                outcome = "skipped" if getattr(exc, "skipped", False) else "error"
+                metrics.fhir_read(outcome, time.perf_counter() - started)
+                raise
+            metrics.fhir_read("ok", time.perf_counter() - started)
         return request.fetched[name]
 
     def require(self, request: HookRequest, keys: dict[str, PrefetchKey]) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import socket
+import sys
 from typing import Any
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
@@ -60,6 +63,26 @@ class Server(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Flask:
         return self.application
+
+    def run(self) -> None:
+        try:
+            _Arbiter(self).run()
+        except RuntimeError as exc:
+            logging.getLogger("gunicorn.error").error("%s", exc)
+            sys.exit(1)
+
+
+class _Arbiter(Arbiter):  # type: ignore[misc]
+    """gunicorn's master, but SIGHUP reloads the policy files inside the running workers (reload.py) instead of
+    restarting them: with reuse_port a worker's listening socket, and the connections queued on it, go with it."""
+
+    def handle_hup(self) -> None:
+        reload = self.app.application.extensions.get("cds_reloader")
+        if reload is None:
+            super().handle_hup()
+            return
+        self.log.info("SIGHUP: checking the policy files for a reload (workers keep running)")
+        reload.reload()
 
 
 def serve(app: Flask, *, host: str, port: int, workers: int, threads: int, log_level: str) -> None:

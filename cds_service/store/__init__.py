@@ -11,6 +11,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from .. import metrics
 from ..audit import AuditSink, NullAudit
 from ..auth import Identity
 from ..feedback import FeedbackItem
@@ -99,9 +100,11 @@ class Store:
         folder = folder or self.spill_dir
         if folder is None:
             return spill.ReplayResult()
-        return spill.replay(
+        result = spill.replay(
             self.db, folder, lambda conn, entries: write_batch(conn, self.db.backend, entries), self.ensure_schema
         )
+        metrics.audit_written(result.inserted, from_spill=True)
+        return result
 
     # -- health --------------------------------------------------------------------------------------------------
     def _check(self) -> str | None:

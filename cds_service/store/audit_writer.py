@@ -16,6 +16,7 @@ from sqlalchemy import Connection, String, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from .. import metrics
 from ..audit import CallRecord
 from . import spill
 from .db import Database, SchemaTooNew, StoreUnavailable, short_error
@@ -188,10 +189,13 @@ class AuditWriter:
                     stats.queued += 1
                     dropped = 0
             if dropped:
+                metrics.audit_queued()
+                metrics.audit_failed(1)
                 if dropped == 1 or dropped % 1000 == 0:
                     log.error("audit queue full (%d records waiting): %d records dropped", self.max_pending, dropped)
                 return
             state.queue.put((str(uuid.uuid4()), call))
+            metrics.audit_queued()
         except Exception:  # the hook must answer whatever happens to its audit record
             log.exception("could not queue an audit record")
 
@@ -262,6 +266,7 @@ class AuditWriter:
         with state.done:
             lost = state.stats.pending
         if lost:
+            metrics.audit_failed(lost)
             log.error("audit: %d answered calls could not be written before exit (%s)", lost, state.stats.last_error)
         elif spilled_to:
             log.warning(
@@ -303,6 +308,7 @@ class AuditWriter:
             return None
         with state.done:
             state.stats.spilled += count
+        metrics.audit_spilled(count)
         return path
 
     # -- the writer thread ---------------------------------------------------------------------------------------
@@ -344,6 +350,7 @@ class AuditWriter:
                     log.exception("audit writer failed on a batch of %d records", len(batch))
                     with state.done:
                         state.stats.dropped += len(part)
+                    metrics.audit_failed(len(part))
                 finally:
                     with state.done:
                         state.writing = []
@@ -387,6 +394,7 @@ class AuditWriter:
                 log.error("audit record %s for %s refused: %s", entry[0], entry[1].service_id, short_error(exc))
                 with state.done:
                     state.stats.dropped += 1
+                metrics.audit_failed(1)
             else:
                 self._written(state, 1)
 
@@ -397,6 +405,7 @@ class AuditWriter:
             write_batch(conn, self.db.backend, batch)
 
     def _written(self, state: _ProcessState, count: int) -> None:
+        metrics.audit_written(count)
         with state.done:
             stats = state.stats
             stats.written += count

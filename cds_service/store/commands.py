@@ -12,7 +12,7 @@ from .. import config as config_module
 from . import Store, open_store
 from .db import SchemaTooNew, StoreUnavailable, safe_url
 from .maintenance import parse_age, purge
-from .report import build_report, render_csv, render_json, render_text
+from .report import FALSE_ALARM_CODES, build_report, render_csv, render_json, render_text
 
 
 def _say(text: str, *, error: bool = False) -> None:
@@ -106,19 +106,42 @@ def cmd_audit_replay_spill(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    render = {"text": render_text, "json": render_json, "csv": render_csv}.get(args.format)
+    if render is None:  # html: the charting library is an optional extra; say which before reading anything
+        try:
+            from .report_html import render_html
+        except ImportError as exc:
+            _say(
+                f"cds-service: --format html needs the extra 'report': pip install 'cds-service[report]' ({exc})",
+                error=True,
+            )
+            return 2
+        render = render_html
     store = _store()
     try:
         store.ensure_schema()
+        codes = tuple(args.false_alarm_reason or FALSE_ALARM_CODES)
         report = build_report(
-            store.db, since=args.since, reason_displays=reason_displays(config_module.load({"AUDIT": False}))
+            store.db,
+            since=args.since,
+            until=args.until,
+            reason_displays=reason_displays(config_module.load({"AUDIT": False})),
+            false_alarm_codes=codes,
         )
     except (StoreUnavailable, SchemaTooNew) as exc:
         _say(f"cds-service: {exc}", error=True)
         return 1
     finally:
         store.db.dispose()
-    renderers = {"text": render_text, "json": render_json, "csv": render_csv}
-    sys.stdout.write(renderers[args.format](report))
+    text = render(report)
+    if args.output:
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            _say(f"cds-service: cannot write {args.output}: {exc.strerror or exc}", error=True)
+            return 1
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -154,5 +177,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     report = sub.add_parser("report", help="calls, flagged orders, cards, accepts and overrides (monthly report)")
     report.add_argument("--since", type=parse_since, metavar="DATE", help="from this date (UTC); default: everything")
-    report.add_argument("--format", choices=("text", "json", "csv"), default="text")
+    report.add_argument("--until", type=parse_since, metavar="DATE", help="up to this date (UTC); default: now")
+    report.add_argument(
+        "--format",
+        choices=("text", "json", "csv", "html"),
+        default="text",
+        help="html: one self-contained page with charts (needs the extra: pip install 'cds-service[report]')",
+    )
+    report.add_argument("--output", metavar="FILE", help="write the report to FILE instead of standard output")
+    report.add_argument(
+        "--false-alarm-reason",
+        action="append",
+        metavar="CODE",
+        help="override reason code that marks a possible false alarm (repeatable; default: not-dsv)",
+    )
     report.set_defaults(func=cmd_report)

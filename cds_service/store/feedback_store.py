@@ -21,6 +21,7 @@ class SaveResult:
     stored: int = 0
     duplicates: int = 0
     unknown_cards: list[str] = field(default_factory=list)
+    stored_items: list[FeedbackItem] = field(default_factory=list)  # the items new to the store (for metrics)
 
 
 def save_feedback(
@@ -75,6 +76,7 @@ def save_feedback(
                 ).first()
                 if added:
                     result.stored += 1
+                    result.stored_items.append(item)
                 else:
                     result.duplicates += 1
                 if not card_known and item.card not in result.unknown_cards:

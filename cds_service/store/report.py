@@ -8,7 +8,7 @@ import math
 import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -36,7 +36,16 @@ DEFINITIONS = [
     "(by outcomeTimestamp). Items for card uuids not in the audit log are counted apart, not in the rates.",
     "Override rate: overridden cards / cards with an outcome.",
     "Latency: answered calls (HTTP 200), nearest-rank percentiles of the time the service spent on the call.",
+    "Weeks start on Monday (UTC). Calls, flagged orders and cards count in the week the call started; accepted "
+    "and overridden cards in the week of their latest outcome.",
+    "Policy versions: the version that judged each order, as the audit log recorded it; a card counts for the "
+    "version that judged its order.",
+    "Possible false alarms: cards whose latest outcome is an override with a reason that says the order was not "
+    "what the policy is about (by default the code not-dsv).",
 ]
+# Override reason codes that say "this card should not have fired" (the policy's not-dsv reason).
+FALSE_ALARM_CODES: tuple[str, ...] = ("not-dsv",)
+_MAX_WEEKS = 520
 
 
 def _iso(moment: datetime) -> str:
@@ -59,11 +68,42 @@ def _suggestion_kind(actions: list[Any]) -> str:
     return "other suggestion"
 
 
+def _week(moment: datetime) -> date:
+    day = moment.astimezone(UTC).date()
+    return day - timedelta(days=day.weekday())
+
+
+def _card_facts(started_at: datetime, orders: list[Any] | None, cards: list[Any] | None) -> dict[str, dict[str, Any]]:
+    """For each card of one call: the policy version that judged its order, the order's name, the rule, the date."""
+    verdicts: dict[tuple[str, str], VerdictRecord] = {}
+    for stored in orders or []:
+        record = VerdictRecord.from_json(stored)
+        if record is not None and record.order:
+            verdicts[(record.policy, record.order)] = record
+    facts: dict[str, dict[str, Any]] = {}
+    for card in cards or []:
+        if not isinstance(card, dict) or not card.get("uuid"):
+            continue
+        refs = card.get("orders") or []
+        verdict = verdicts.get((str(card.get("policy") or ""), refs[0])) if refs else None
+        if verdict is None and refs:  # cards written before they named their policy
+            verdict = next((v for (_, order), v in verdicts.items() if order == refs[0]), None)
+        facts[card["uuid"]] = {
+            "policy": verdict.policy if verdict else str(card.get("policy") or ""),
+            "version": verdict.policy_version if verdict else "",
+            "orderName": str(card.get("orderName") or (verdict.order_name if verdict else "")),
+            "rule": str(card.get("rule") or (verdict.rule if verdict else "")),
+            "shownAt": _iso(started_at),
+        }
+    return facts
+
+
 def build_report(
     db: Database,
     since: datetime | None = None,
     until: datetime | None = None,
     reason_displays: Mapping[tuple[str, str], str] | None = None,
+    false_alarm_codes: tuple[str, ...] = FALSE_ALARM_CODES,
 ) -> dict[str, Any]:
     """Every number of the report, computed from the audit log and feedback tables.
 
@@ -72,6 +112,10 @@ def build_report(
     """
     reason_displays = reason_displays or {}
     until = until or datetime.now(UTC)
+    weeks: dict[date, Counter[str]] = defaultdict(Counter)
+    by_version: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    version_seen: dict[tuple[str, str], list[datetime]] = {}
+    card_facts: dict[str, dict[str, Any]] = {}
     calls_by_hook: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     judged_by_policy: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     evidence_kinds: Counter[str] = Counter()
@@ -98,11 +142,14 @@ def build_report(
                 audit_call.c.duration_ms,
                 audit_call.c.orders,
                 audit_call.c.cards,
+                audit_call.c.started_at,
             ).where(*call_filter)
         )
-        for service_id, hook, status, error, duration_ms, orders, cards in rows:
+        for service_id, hook, status, error, duration_ms, orders, cards, started_at in rows:
             counter = calls_by_hook[(hook or "", service_id)]
             counter["calls"] += 1
+            week = weeks[_week(started_at)]
+            week["calls"] += 1
             if status != 200:
                 counter["errors"] += 1
                 errors[status][error or "(no reason recorded)"] += 1
@@ -116,8 +163,11 @@ def build_report(
                 judged += 1
                 key = (record.policy, record.policy_version)
                 judged_by_policy[key]["judged"] += 1
+                seen = version_seen.setdefault(key, [started_at, started_at])
+                seen[0], seen[1] = min(seen[0], started_at), max(seen[1], started_at)
                 if record.flagged:
                     flagged += 1
+                    week["flagged"] += 1
                     judged_by_policy[key]["flagged"] += 1
                     by_rule[(record.policy, record.policy_version, record.rule)] += 1
                     kinds = {e.kind for e in record.deciding or record.evidence_for}
@@ -126,6 +176,10 @@ def build_report(
             for card in cards or []:
                 if card.get("uuid"):
                     shown.add(card["uuid"])
+                    week["cards"] += 1
+            for uuid, facts in _card_facts(started_at, orders, cards).items():
+                card_facts[uuid] = facts
+                by_version[(facts["policy"], facts["version"])]["cards"] += 1
 
         # A card answered by one worker may still have been in that worker's audit queue when its feedback reached
         # another: such items were stored unlinked, and are linked here once the card is in the log.
@@ -157,7 +211,12 @@ def build_report(
         suggestion_of: dict[str, dict[str, Any]] = {}
         for start in range(0, len(call_ids), 500):
             chunk = call_ids[start : start + 500]
-            for (cards,) in conn.execute(select(audit_call.c.cards).where(audit_call.c.call_id.in_(chunk))):
+            linked = select(audit_call.c.cards, audit_call.c.orders, audit_call.c.started_at).where(
+                audit_call.c.call_id.in_(chunk)
+            )
+            for cards, orders, started_at in conn.execute(linked):
+                for uuid, facts in _card_facts(started_at, orders, cards).items():
+                    card_facts.setdefault(uuid, facts)
                 for card in cards or []:
                     for suggestion in card.get("suggestions") or []:
                         if suggestion.get("uuid"):
@@ -174,8 +233,14 @@ def build_report(
     accepted: Counter[tuple[str, str]] = Counter()
     reasons: dict[tuple[str, str, str], list[dict[str, str]]] = defaultdict(list)
     accepted_cards = overridden_cards = 0
+    false_alarms: list[dict[str, Any]] = []
     for card_uuid, item in sorted(latest.items(), key=lambda kv: (kv[1].outcome_timestamp, kv[1].id)):
+        facts = card_facts.get(card_uuid, {})
+        version_key = (facts.get("policy", ""), facts.get("version", ""))
+        outcome_week = weeks[_week(item.outcome_timestamp)]
         if item.outcome == "accepted":
+            outcome_week["accepted"] += 1
+            by_version[version_key]["accepted"] += 1
             accepted_cards += 1
             for suggestion_id in item.accepted_suggestions or []:
                 suggestion = suggestion_of.get(suggestion_id)
@@ -184,10 +249,26 @@ def build_report(
                 else:
                     accepted[(_suggestion_kind(suggestion.get("actions") or []), suggestion.get("label") or "")] += 1
         else:
+            outcome_week["overridden"] += 1
+            by_version[version_key]["overridden"] += 1
             overridden_cards += 1
             display = item.override_display or reason_displays.get(
                 (item.override_system or "", item.override_code or ""), ""
             )
+            if item.override_code in false_alarm_codes:
+                false_alarms.append(
+                    {
+                        "card": card_uuid,
+                        "orderName": facts.get("orderName", ""),
+                        "rule": facts.get("rule", ""),
+                        "policy": facts.get("policy", ""),
+                        "version": facts.get("version", ""),
+                        "shownAt": facts.get("shownAt"),
+                        "overriddenAt": _iso(item.outcome_timestamp),
+                        "reason": item.override_code,
+                        "comment": item.user_comment or "",
+                    }
+                )
             key = (item.override_code or "", display, item.override_system or "")
             reasons[key].append(
                 {
@@ -286,8 +367,65 @@ def build_report(
                 for status, c in sorted(errors.items())
             ],
         },
+        "byWeek": _weekly(weeks, since, until),
+        "policyVersions": _versions(judged_by_policy, by_version, version_seen),
+        "falseAlarms": false_alarms,
         "definitions": DEFINITIONS,
     }
+
+
+def _weekly(weeks: dict[date, Counter[str]], since: datetime | None, until: datetime) -> list[dict[str, Any]]:
+    """Every week of the period in order (zeros included, so a chart's weeks are evenly spaced)."""
+    if not weeks:
+        return []
+    first = _week(since) if since else min(weeks)
+    last = max(max(weeks), _week(until - timedelta(microseconds=1)))
+    first = max(first, last - timedelta(weeks=_MAX_WEEKS - 1))
+    out = []
+    day = first
+    while day <= last:
+        c = weeks.get(day, Counter())
+        out.append(
+            {
+                "week": day.isoformat(),
+                "calls": c["calls"],
+                "flagged": c["flagged"],
+                "cards": c["cards"],
+                "accepted": c["accepted"],
+                "overridden": c["overridden"],
+            }
+        )
+        day += timedelta(weeks=1)
+    return out
+
+
+def _versions(
+    judged: dict[tuple[str, str], Counter[str]],
+    outcomes: dict[tuple[str, str], Counter[str]],
+    seen: dict[tuple[str, str], list[datetime]],
+) -> dict[str, Any]:
+    """Numbers per policy version; `changed` when a policy answered with more than one version in the period."""
+    rows = []
+    for key in sorted(set(judged) | {k for k in outcomes if k != ("", "")}):
+        j, o = judged.get(key, Counter()), outcomes.get(key, Counter())
+        with_outcome = o["accepted"] + o["overridden"]
+        first_last = seen.get(key)
+        rows.append(
+            {
+                "policy": key[0],
+                "version": key[1],
+                "firstSeen": _iso(first_last[0]) if first_last else None,
+                "lastSeen": _iso(first_last[1]) if first_last else None,
+                "judged": j["judged"],
+                "flagged": j["flagged"],
+                "cards": o["cards"],
+                "accepted": o["accepted"],
+                "overridden": o["overridden"],
+                "overrideRate": round(o["overridden"] / with_outcome, 4) if with_outcome else None,
+            }
+        )
+    policies = Counter(policy for policy, _version in judged)
+    return {"changed": any(n > 1 for n in policies.values()), "versions": rows}
 
 
 def _pct(part: int, whole: int) -> str:
@@ -336,6 +474,14 @@ def render_text(report: dict[str, Any]) -> str:
         add(f"  {p['policy']} {p['version']}: {p['flagged']} flagged of {p['judged']} judged")
     if not orders["byPolicy"]:
         add("  (no orders judged)")
+    versions = report["policyVersions"]
+    if versions["changed"]:
+        add("The policy changed in the period: numbers by version")
+        add(f"  {'policy version':<40} {'judged':>7} {'flagged':>8} {'cards':>6} {'overridden':>11}  first - last seen")
+        for v in versions["versions"]:
+            name = f"{v['policy']} {v['version']}"
+            seen = f"{(v['firstSeen'] or '')[:10]} - {(v['lastSeen'] or '')[:10]}"
+            add(f"  {name:<40} {v['judged']:>7} {v['flagged']:>8} {v['cards']:>6} {v['overridden']:>11}  {seen}")
     add("Flagged orders by the rule that decided them")
     for r in orders["flaggedByRule"]:
         add(f"  {r['rule']:<32} {r['flagged']:>7}   ({r['policy']} {r['version']})")
@@ -381,6 +527,13 @@ def render_text(report: dict[str, Any]) -> str:
         f"Feedback items received: {fb['items']} "
         f"({fb['itemsForUnknownCards']} for cards not in the audit log, stored and left out of the rates)"
     )
+    add("")
+    alarms = report["falseAlarms"]
+    add(f"Possible false alarms: overridden as not what the policy is about ({len(alarms)})")
+    for a in alarms:
+        add(f"  {a['overriddenAt'][:10]}  {a['rule']:<28} {' '.join(a['orderName'].split())[:70]}")
+    if not alarms:
+        add("  (none)")
     add("")
     add(f"Errors by status ({errors['total']})")
     for e in errors["byStatus"]:
@@ -441,4 +594,12 @@ def render_csv(report: dict[str, Any]) -> str:
         row(["latency_ms", name, "", "" if value is None else value])
     for e in report["errors"]["byStatus"]:
         row(["errors", "by status", e["status"], e["count"]])
+    for w in report["byWeek"]:
+        for name in ("calls", "flagged", "cards", "accepted", "overridden"):
+            row(["week", name, w["week"], w[name]])
+    for v in report["policyVersions"]["versions"]:
+        for name in ("judged", "flagged", "cards", "accepted", "overridden"):
+            row(["policy version", name, f"{v['policy']} {v['version']}", v[name]])
+    for a in report["falseAlarms"]:
+        row(["possible false alarm", a["rule"], a["overriddenAt"], a["orderName"]])
     return out.getvalue()
