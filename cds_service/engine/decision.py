@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import functools
 import string
-from dataclasses import dataclass, field
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .evidence import Evidence, OrderEvidence, collect, evidence_line
 from .orders import OrderView, glance, read_order
 from .policy.model import Coding, Cond, EvidenceTest, FactTest, Group, Policy, Rule
-from .prefilter import might_flag, order_words
+from .prefilter import OrderWords, might_flag, order_words
 
 
 @dataclass
@@ -36,6 +38,7 @@ class _Facts:
     intent: str | None
     do_not_perform: bool
     evidence: tuple[Evidence, ...]
+    by_kind: dict[str, tuple[Evidence, ...]] = field(default_factory=dict)
 
 
 def _holds(cond: Cond, facts: _Facts, witnesses: list[Evidence]) -> bool:
@@ -43,9 +46,8 @@ def _holds(cond: Cond, facts: _Facts, witnesses: list[Evidence]) -> bool:
     if isinstance(cond, EvidenceTest):
         matches = [
             e
-            for e in facts.evidence
-            if e.kind == cond.kind
-            and (cond.places is None or e.place in cond.places)
+            for e in facts.by_kind.get(cond.kind, ())
+            if (cond.places is None or e.place in cond.places)
             and e.assertion in cond.assertions
             and (cond.groups is None or e.group in cond.groups)
         ]
@@ -113,7 +115,16 @@ def region_of(policy: Policy, evidence: list[Evidence]) -> str | None:
 
 def decide(order: OrderView, policy: Policy, found: OrderEvidence) -> Verdict:
     """Apply the policy's decision table to an order's evidence."""
-    facts = _Facts(order.status, order.intent, order.do_not_perform, tuple(found.items))
+    by_kind: dict[str, list[Evidence]] = {}
+    for item in found.items:
+        by_kind.setdefault(item.kind, []).append(item)
+    facts = _Facts(
+        order.status,
+        order.intent,
+        order.do_not_perform,
+        tuple(found.items),
+        {k: tuple(v) for k, v in by_kind.items()},
+    )
     for rule in policy.rules:
         witnesses: list[Evidence] = []
         if rule.when is not None and not _holds(rule.when, facts, witnesses):
@@ -156,23 +167,51 @@ def _quiet(policy: Policy, status: str | None, intent: str | None, do_not_perfor
     raise AssertionError("the loader guarantees a last rule without a condition")
 
 
+# Verdicts by (policy, the content of the elements the engine reads): an EHR sends the same orderables call after
+# call, and a verdict depends on nothing else. Bounded; only the identity of the order differs between hits.
+_MEMO_SIZE = 4096
+_memo: OrderedDict[tuple[int, bytes], Verdict] = OrderedDict()
+_memo_lock = threading.Lock()
+
+
 def judge_resource(
     resource: dict[str, Any],
     policy: Policy,
-    words: tuple[str, frozenset[str]] | None = None,
+    words: OrderWords | None = None,
     original: dict[str, Any] | None = None,
 ) -> Verdict:
     """Judge one ServiceRequest as sent. The first pass (prefilter) decides whether any flagging rule could hold; an
     order that names none of the words or codes those rules need is decided on its request facts alone, without
-    reading its places (its verdict says so: the table's rule for an order with no evidence)."""
+    reading its places (its verdict says so: the table's rule for an order with no evidence). An order whose read
+    elements were judged before under the same policy gets that judgement again (memo)."""
     rec = policy.recognition
-    if rec.prefilter and not might_flag(rec, words if words is not None else order_words(resource)):
+    words = words if words is not None else order_words(resource)
+    if rec.prefilter and not might_flag(rec, words):
         order = glance(resource)
         if original is not None:
             order.resource = original
         rule, reason = _quiet(policy, order.status, order.intent, order.do_not_perform)
         return Verdict(order=order, policy=policy, rule=rule.id, flagged=rule.flags, reason=reason)
+    key = (id(policy), words.content)
+    known = _memo.get(key)
+    if known is not None and known.policy is policy:
+        order = glance(resource)
+        # The places were read from equal content: share them (nothing downstream changes them).
+        order.codings, order.texts, order.answers, order.displays = (
+            known.order.codings,
+            known.order.texts,
+            known.order.answers,
+            known.order.displays,
+        )
+        if original is not None:
+            order.resource = original
+        return replace(known, order=order)
     order = read_order(resource)
     if original is not None:
         order.resource = original  # the client's own order, unchanged, is what CRD echoes back
-    return judge(order, policy)
+    verdict = judge(order, policy)
+    with _memo_lock:
+        _memo[key] = verdict
+        if len(_memo) > _MEMO_SIZE:
+            _memo.popitem(last=False)
+    return verdict

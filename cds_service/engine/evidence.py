@@ -303,6 +303,7 @@ def _read_as(rec: Recognition, word: str) -> str | None:
     return min(begun, key=len) if begun else None
 
 
+@functools.lru_cache(maxsize=8192)
 def _corrected(rec: Recognition, text: str) -> tuple[str, dict[tuple[int, int], str]] | None:
     """The text with each abbreviation and long unknown word replaced by the policy word it stands for (edit
     distance bounded), and the spans of the replacements in the new text with what was written; None when nothing

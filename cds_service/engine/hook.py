@@ -38,7 +38,7 @@ def assess(request: HookRequest, service: Service) -> Assessment:
     """Judge every order the hook asks about against every policy of the service."""
     verdicts: list[Verdict] = []
     for draft in request.orders:
-        words = order_words(draft.readable) if len(service.policies) > 1 else None  # one pass for every policy
+        words = order_words(draft.readable)  # one first pass for every policy
         verdicts.extend(judge_resource(draft.readable, policy, words, draft.resource) for policy in service.policies)
     return Assessment(request, service, verdicts, crd.read_configuration(request.extension))
 

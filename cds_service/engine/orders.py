@@ -10,6 +10,25 @@ from typing import Any, Literal
 
 from .policy.schema import PLACES, Place
 
+# Every element of a ServiceRequest the engine reads: its verdict depends on these and nothing else (ids, subject,
+# dates and the rest say who and when, not what).
+READ_FIELDS: tuple[str, ...] = (
+    "code",
+    "orderDetail",
+    "bodySite",
+    "bodyStructure",
+    "reasonCode",
+    "reason",
+    "reasonReference",
+    "note",
+    "category",
+    "performerType",
+    "patientInstruction",
+    "status",
+    "intent",
+    "doNotPerform",
+)
+
 __all__ = ["PLACES", "Answer", "CodingRef", "OrderView", "Place", "as_list", "iter_bundle_resources", "read_order"]
 
 # Half-written orders can be anything; bound the work a hostile one can cause.
