@@ -80,8 +80,13 @@ def _json(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-def make_engine(url: URL) -> Engine:
-    """An engine for this process. hide_parameters: errors never echo audit data into logs."""
+def make_engine(url: URL, *, relaxed: bool = False) -> Engine:
+    """An engine for this process. hide_parameters: errors never echo audit data into logs.
+
+    `relaxed` (PostgreSQL): for the JWT replay records only: commits that do not wait for the WAL flush
+    (synchronous_commit off: a crash may lose the last fraction of a second of records, which only reopens a
+    token's replay window its exp closes within minutes) and no ping before each use (a dead connection fails one
+    check, which falls back to this process's memory, and is replaced)."""
     if url.get_backend_name() == "sqlite":
         engine = create_engine(url, hide_parameters=True, json_serializer=_json, connect_args={"timeout": 15})
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -89,11 +94,16 @@ def make_engine(url: URL) -> Engine:
     connect_args: dict[str, Any] = {}
     if "connect_timeout" not in url.query:
         connect_args["connect_timeout"] = 5
+    if relaxed:
+        # Added to the URL's own libpq options (a search_path, say), which connect_args would otherwise replace.
+        given = url.query.get("options", "")
+        given = " ".join(given) if isinstance(given, tuple) else given
+        connect_args["options"] = f"{given} -c synchronous_commit=off".strip()
     return create_engine(
         url,
         hide_parameters=True,
         json_serializer=_json,
-        pool_pre_ping=True,
+        pool_pre_ping=not relaxed,
         pool_size=5,
         max_overflow=5,
         pool_timeout=5,
@@ -110,6 +120,8 @@ class Database:
         self._lock = threading.Lock()
         self._engine: Engine | None = None
         self._pid = 0
+        self._relaxed: Engine | None = None
+        self._relaxed_pid = 0
 
     @property
     def engine(self) -> Engine:
@@ -124,18 +136,39 @@ class Database:
                     self._pid = pid
         return self._engine
 
+    @property
+    def relaxed_engine(self) -> Engine:
+        """The engine for records that may trade durability for speed (see make_engine); SQLite: the engine."""
+        if self.backend != "postgresql":
+            return self.engine
+        pid = os.getpid()
+        if self._relaxed is None or self._relaxed_pid != pid:
+            with self._lock:
+                if self._relaxed is None or self._relaxed_pid != pid:
+                    if self._relaxed is not None:
+                        self._relaxed.dispose(close=False)
+                    self._relaxed = make_engine(self.url, relaxed=True)
+                    self._relaxed_pid = pid
+        return self._relaxed
+
     def after_fork(self) -> None:
         """gunicorn post_fork: forget the parent's pool now rather than on first use."""
         with self._lock:
             if self._engine is not None and self._pid != os.getpid():
                 self._engine.dispose(close=False)
                 self._engine = None
+            if self._relaxed is not None and self._relaxed_pid != os.getpid():
+                self._relaxed.dispose(close=False)
+                self._relaxed = None
 
     def dispose(self) -> None:
         with self._lock:
             if self._engine is not None and self._pid == os.getpid():
                 self._engine.dispose()
             self._engine = None
+            if self._relaxed is not None and self._relaxed_pid == os.getpid():
+                self._relaxed.dispose()
+            self._relaxed = None
 
     def ping(self) -> None:
         """Raise StoreUnavailable unless a round trip to the database works."""
