@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Any
 
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = (
+# Headless, no sandbox (root), and none of the background connections this closed network refuses.
+HEADLESS = (
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
     "--disable-background-networking",
     "--disable-component-update",
     "--no-first-run",
-    "--disable-dev-shm-usage",
-    "--remote-debugging-pipe",
 )
+FLAGS = (*HEADLESS, "--disable-dev-shm-usage", "--remote-debugging-pipe")
 
 
 def chromium() -> str | None:

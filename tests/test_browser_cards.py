@@ -23,6 +23,7 @@ from cds_service import create_app
 from cds_service.engine import load_policies
 
 from . import builders as b
+from .chromium_support import HEADLESS
 from .conftest import ROOT, SELECT, SIGN
 
 pytestmark = pytest.mark.slow
@@ -38,15 +39,7 @@ HOSTILE = (
     " www.evil.example https://evil.example/x a@evil.example ![i](https://evil.example/i.png) **bold** <b>b</b>"
     " &lt;i&gt; | a | b | ~~strike~~ [^1] <!-- c --> `code`"
 )
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--virtual-time-budget=5000",
-]
+CHROMIUM_FLAGS = [*HEADLESS, "--virtual-time-budget=5000"]
 # Runs in the page: for each card, its elements, links, attributes and words, written where --dump-dom shows it.
 PAGE_SCRIPT = """
 const out = [];

@@ -125,30 +125,28 @@ class Database:
 
     @property
     def engine(self) -> Engine:
-        pid = os.getpid()
-        if self._engine is None or self._pid != pid:
-            with self._lock:
-                if self._engine is None or self._pid != pid:
-                    if self._engine is not None:
-                        # Inherited from the parent: drop its pool without closing the parent's sockets.
-                        self._engine.dispose(close=False)
-                    self._engine = make_engine(self.url)
-                    self._pid = pid
+        if self._engine is None or self._pid != os.getpid():
+            self._engine, self._pid = self._fresh(self._engine, self._pid, relaxed=False)
         return self._engine
+
+    def _fresh(self, engine: Engine | None, pid: int, *, relaxed: bool) -> tuple[Engine, int]:
+        """This process's engine: the given one if it was made here, else a new one (under the lock)."""
+        with self._lock:
+            current = self._relaxed if relaxed else self._engine
+            if current is not None and (self._relaxed_pid if relaxed else self._pid) == os.getpid():
+                return current, os.getpid()
+            if engine is not None:
+                # Inherited from the parent: drop its pool without closing the parent's sockets.
+                engine.dispose(close=False)
+            return make_engine(self.url, relaxed=relaxed), os.getpid()
 
     @property
     def relaxed_engine(self) -> Engine:
         """The engine for records that may trade durability for speed (see make_engine); SQLite: the engine."""
         if self.backend != "postgresql":
             return self.engine
-        pid = os.getpid()
-        if self._relaxed is None or self._relaxed_pid != pid:
-            with self._lock:
-                if self._relaxed is None or self._relaxed_pid != pid:
-                    if self._relaxed is not None:
-                        self._relaxed.dispose(close=False)
-                    self._relaxed = make_engine(self.url, relaxed=True)
-                    self._relaxed_pid = pid
+        if self._relaxed is None or self._relaxed_pid != os.getpid():
+            self._relaxed, self._relaxed_pid = self._fresh(self._relaxed, self._relaxed_pid, relaxed=True)
         return self._relaxed
 
     def after_fork(self) -> None:
