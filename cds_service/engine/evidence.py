@@ -196,7 +196,7 @@ def _label(meaning: Meaning, written: str, place: Place) -> str:
     return f"{quote(written)} in the {where}"
 
 
-_TOKEN = re.compile(r"[a-z0-9]+")
+WORD = re.compile(r"[a-z0-9]+")  # a word of folded, lower-case text (the first pass reads words alike)
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ def _answer_polarity(rec: Recognition, answer: Answer) -> str:
         return "yes" if value else "no"
     if not value.strip():
         return "unanswered"
-    words = _TOKEN.findall(fold(value).lower())
+    words = WORD.findall(fold(value).lower())
     for size in (3, 2, 1):
         head = "".join(words[:size])
         if len(words) >= size and head:
@@ -281,7 +281,7 @@ class _TextReader:
 
 
 @functools.lru_cache(maxsize=16384)
-def _read_as(rec: Recognition, word: str) -> str | None:
+def read_word(rec: Recognition, word: str) -> str | None:
     """The policy word a written word stands for: its abbreviation, or the word it misspells; None if neither.
 
     Cached per word: order texts repeat the same words call after call, and the edit-distance search is the costly
@@ -315,8 +315,8 @@ def _corrected(rec: Recognition, text: str) -> tuple[str, dict[tuple[int, int], 
     spans: dict[tuple[int, int], str] = {}
     last = 0
     size = 0
-    for token in _TOKEN.finditer(folded):
-        read_as = _read_as(rec, token.group(0))
+    for token in WORD.finditer(folded):
+        read_as = read_word(rec, token.group(0))
         if read_as is None:
             continue
         pieces.append(text[last : token.start()])

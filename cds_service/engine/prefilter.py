@@ -7,14 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from rapidfuzz.distance import OSA
-from rapidfuzz.process import extractOne
 
+from .evidence import WORD, read_word
 from .orders import READ_FIELDS
 from .policy.model import Recognition
 from .terms import fold
 
-_TOKEN = re.compile(r"[a-z0-9]+")
 # Element names of FHIR JSON are words of the dump too: never a candidate word, and never read as a typo.
 FHIR_KEYS = frozenset(
     [
@@ -110,7 +108,7 @@ def order_words(resource: dict[str, Any]) -> OrderWords:
     if "\\" in text:
         text = _ESCAPE.sub(" ", text)
     text = fold(text)
-    return OrderWords(content, text, frozenset(_TOKEN.findall(text.lower())))
+    return OrderWords(content, text, frozenset(WORD.findall(text.lower())))
 
 
 def might_flag(rec: Recognition, words: OrderWords) -> bool:
@@ -122,17 +120,13 @@ def might_flag(rec: Recognition, words: OrderWords) -> bool:
         return True
     if any(pattern.search(text) for pattern in rec.candidate_patterns):
         return True
-    # A misspelled technique counts only beside spine words (a technique that needs them, or one that names the
-    # spine itself, is then in reach): the search runs for spine orders, not for every long word of every order.
-    if rec.candidate_typo_words and not rec.anatomy_tokens.isdisjoint(tokens):
-        ends = rec.candidate_typo_ends
-        for token in tokens:
-            if (
-                len(token) >= rec.typo_min_length
-                and (token[:3] in ends or token[-3:] in ends)
-                and token not in rec.known_words
-                and token not in FHIR_KEYS
-                and extractOne(token, rec.candidate_typo_words, scorer=OSA.distance, score_cutoff=rec.typo_max_edits)
-            ):
+    # A misspelled or abbreviated policy word counts only beside spine words (a technique that needs them, or one
+    # that names the spine itself, is then in reach): the reading runs for spine orders, not for every word of every
+    # order. Words are read exactly as the evidence step reads them, so the two passes cannot disagree on a typo.
+    if not rec.anatomy_tokens.isdisjoint(tokens):
+        for token in tokens - FHIR_KEYS:
+            read = read_word(rec, token)
+            # An abbreviation may stand for several words ("xr" -> "x ray"): its first is the candidate word.
+            if read is not None and read.split(" ", 1)[0] in rec.candidate_tokens:
                 return True
     return False

@@ -288,13 +288,7 @@ class AuditWriter:
                 # Stuck in a database call past its deadline: spill its batch too. Should that write still succeed,
                 # the replay finds the call ids already stored and skips them.
                 entries.extend(state.writing)
-        while True:
-            try:
-                item = state.queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP and item is not _FLUSH:
-                entries.append(item)
+        entries.extend(_drain(state.queue))
         state.queue.put(_STOP)  # a thread that comes back from a stuck write finds it and ends
         return entries
 
@@ -331,13 +325,7 @@ class AuditWriter:
                 except queue.Empty:
                     break
             if stop:  # take whatever else is queued: it was answered and must be written too
-                while True:
-                    try:
-                        item = state.queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not _STOP and item is not _FLUSH:
-                        batch.append(item)
+                batch.extend(_drain(state.queue))
             for start in range(0, len(batch), self.max_batch):
                 part = batch[start : start + self.max_batch]
                 with state.done:
@@ -433,6 +421,18 @@ class AuditWriter:
             log.error(
                 "audit write failed (%d records waiting, %d failed writes): %s", pending, failures, stats.last_error
             )
+
+
+def _drain(q: queue.SimpleQueue[Any]) -> list[tuple[str, CallRecord]]:
+    """Every record queued now, without waiting; stop and flush markers are dropped."""
+    out: list[tuple[str, CallRecord]] = []
+    while True:
+        try:
+            item = q.get_nowait()
+        except queue.Empty:
+            return out
+        if item is not _STOP and item is not _FLUSH:
+            out.append(item)
 
 
 def _is_connectivity(exc: DBAPIError) -> bool:

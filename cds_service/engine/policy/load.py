@@ -644,7 +644,7 @@ def _needs(cond: Cond | None) -> frozenset[str] | None:
     return None
 
 
-def _prefilter(c: _Compiler, spec: s.Recognition, rules: tuple[Rule, ...], rec: Recognition) -> None:
+def _prefilter(spec: s.Recognition, rules: tuple[Rule, ...], rec: Recognition) -> None:
     """The words and codes without which no flagging rule can hold: the cheap pass that lets most orders (labs,
     medications, ordinary imaging) skip the full judgement."""
     needed: set[str] = set()
@@ -716,13 +716,6 @@ def _prefilter(c: _Compiler, spec: s.Recognition, rules: tuple[Rule, ...], rec: 
             if term.term is not None:
                 anatomy.update(w for w in re.split(r"[^a-z0-9]+", fold(term.term).lower()) if w)
     rec.anatomy_tokens = frozenset(anatomy)
-    typo_kinds = set(spec.typos.kinds) & needed if spec.typos else set()
-    typo_words = sorted({w for kind in typo_kinds for w in c.words.get(kind, ()) if len(w) >= rec.typo_min_length})
-    if typo_kinds & {"technique", "ambiguous-technique"}:
-        # Combination words are a technique's words too ("fluoroscopy" misspelled beside "motion").
-        typo_words = sorted(set(typo_words) | {w for w in rec.typo_words if w in tokens})
-    rec.candidate_typo_words = tuple(typo_words)
-    rec.candidate_typo_ends = frozenset({w[:3] for w in typo_words} | {w[-3:] for w in typo_words})
     rec.prefilter = True
 
 
@@ -815,7 +808,7 @@ def _compile(c: _Compiler, spec: s.PolicyFile, digest: str) -> Policy:
         # Each card type is switched on and off by its topic code (CRD davinci-crd.configuration-options, dev-5).
         c.problem(("card",), f"each card type needs its own topic code, got {topics}")
     rules = _rules(c, spec)
-    _prefilter(c, spec.recognition, rules, recognition)
+    _prefilter(spec.recognition, rules, recognition)
     return Policy(
         id=meta.id,
         title=meta.title,

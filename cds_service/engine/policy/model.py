@@ -155,10 +155,7 @@ class Recognition:
     candidate_tokens: frozenset[str] = frozenset()
     candidate_patterns: tuple[re.Pattern[str], ...] = ()
     prefilter: bool = False
-    # Misspellings count in the first pass too: the long words of the needed kinds, and their first and last three
-    # letters (one edit in a word of 8 letters or more leaves one of the two intact).
-    candidate_typo_words: tuple[str, ...] = ()
-    candidate_typo_ends: frozenset[str] = frozenset()
+    # Spine words: beside them the first pass also reads misspelled and abbreviated words (as the evidence step does).
     anatomy_tokens: frozenset[str] = frozenset()
 
 
