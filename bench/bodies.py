@@ -318,6 +318,7 @@ def order_sign_body(
     """
     rng = random.Random(seed * 1_000_003 + variant * 101 + orders)
     resources: list[dict[str, Any]] = []
+    site: tuple[str, str] | None  # every DSV order names its site; an ordinary one may not
     for i in range(min(dsv, orders)):
         cpt, local, text, site, reason, note = _DSV[(variant + i) % len(_DSV)]
         resources.append(

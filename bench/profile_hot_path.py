@@ -129,7 +129,8 @@ class Harness:
         if self.pool:
             environ["HTTP_AUTHORIZATION"] = "Bearer " + self.pool.pop()
         status: list[str] = []
-        out = b"".join(self.app(environ, lambda s, h, e=None: status.append(s)))
+        # The app never calls the write() that start_response would return.
+        out = b"".join(self.app(environ, lambda s, h, e=None: status.append(s)))  # type: ignore[arg-type]
         if not status[0].startswith("200"):
             raise RuntimeError(f"{status[0]}: {out[:300]!r}")
         return out
@@ -146,7 +147,7 @@ def install_timers(h: Harness) -> Timers:
     import jwt
 
     from cds_service import api, calls
-    from cds_service.engine import cards, crd, decision, evidence, hook, outcome, prefilter, terms
+    from cds_service.engine import cards, context, crd, decision, hook, outcome, prefilter, terms
 
     rt = h.app.extensions["cds"]
     t = Timers()
@@ -181,7 +182,7 @@ def install_timers(h: Harness) -> Timers:
     t.wrap(decision, "read_order", "read the order's places", 5)
     t.wrap(decision, "collect", "evidence (terms, context, typos)", 5)
     t.wrap(terms.TermIndex, "find", "term search (TermIndex.find)", 6)
-    t.wrap(evidence.ctx, "scopes", "ConText scopes", 6)
+    t.wrap(context, "scopes", "ConText scopes", 6)
     t.wrap(calls, "respond", "engine: respond (cards, CRD actions)", 3)
     t.wrap(cards, "build_card", "card building", 4)
     t.wrap(cards, "alternative_order", "replacement order", 5)

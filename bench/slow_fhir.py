@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -182,7 +183,7 @@ def run_scenario(
             # Latency counts from the scheduled time: a sender that fell behind does not hide the server's delay.
             futures.append(senders.submit(timed_call, server.port, fast_bodies[i % len(fast_bodies)], pool, due))
         scenario.prefetched = [f.result() for f in futures]
-    hz = run.os.sysconf("SC_CLK_TCK")
+    hz = os.sysconf("SC_CLK_TCK")
     busy_after, total_after = run.cpu_busy()
     ours = (server.cpu_ticks() - ours_before) / hz + (time.process_time() - self_before)
     total = (total_after - total_before) / hz
@@ -196,9 +197,9 @@ def run_scenario(
 def start_service(spec: run.ServiceSpec, workdir: Path, issuers: Path | None) -> run.Server:
     port = run.free_port()
     command = [sys.executable, "-m", "cds_service", "serve", "--host", HOST, "--port", str(port), *spec.serve_args]
-    env = {k: v for k, v in run.os.environ.items() if not k.startswith("CDS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
     if spec.src:
-        env["PYTHONPATH"] = run.os.pathsep.join(filter(None, [str(spec.src), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(spec.src), env.get("PYTHONPATH")]))
     env |= {
         "CDS_DATABASE_URL": f"sqlite:///{workdir / f'cds-{port}.sqlite3'}",
         "CDS_PUBLIC_URL": f"http://{HOST}:{port}",

@@ -31,7 +31,12 @@ def real_record(url: str) -> CallRecord:
     store: Store = app.extensions["cds_store"]
     captured: list[CallRecord] = []
     original = store.writer.record
-    store.writer.record = lambda call: captured.append(call) or original(call)  # type: ignore[method-assign]
+
+    def capture(call: CallRecord) -> None:
+        captured.append(call)
+        original(call)
+
+    store.writer.record = capture  # type: ignore[method-assign]
     app.test_client().post("/cds-services/dsv-order-sign", json=flagged_call())
     store.writer.flush(10)
     return captured[-1]

@@ -23,7 +23,8 @@ bp = Blueprint("cds", __name__)
 
 
 def runtime() -> Runtime:
-    return current_app.extensions["cds"]
+    rt: Runtime = current_app.extensions["cds"]
+    return rt
 
 
 def json_response(body: Any, status: int = 200) -> Response:

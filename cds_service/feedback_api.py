@@ -17,7 +17,8 @@ bp = Blueprint("cds_feedback", __name__)
 
 
 def store() -> Store:
-    return current_app.extensions["cds_store"]
+    st: Store = current_app.extensions["cds_store"]
+    return st
 
 
 @bp.post("/cds-services/<service_id>/feedback")

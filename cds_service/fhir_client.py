@@ -139,7 +139,7 @@ class _DeadlineSSLSocket(ssl.SSLSocket):
 
     def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
         self._limit()
-        return super().recv_into(buffer, nbytes, flags)  # type: ignore[arg-type]
+        return super().recv_into(buffer, nbytes, flags)
 
     def send(self, data: Any, flags: int = 0) -> int:
         self._limit()
@@ -382,7 +382,7 @@ class FhirReader:
 def _next_link(bundle: dict[str, Any], base: str) -> str | None:
     for link in as_list(bundle.get("link")):
         if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-            nxt = link["url"]
+            nxt: str = link["url"]
             # Follow pages only on the same server: a next link elsewhere would carry the token away.
             if urlsplit(nxt).netloc == urlsplit(base).netloc:
                 return nxt

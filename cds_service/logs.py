@@ -207,9 +207,9 @@ def configure(log_format: str, level: str) -> None:
         if args.exc_type is SystemExit:
             return
         name = args.thread.name if args.thread else "?"
-        logging.getLogger("cds_service").error(
-            "uncaught exception in thread %s", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback)
-        )
+        # exc_value is typed optional but set for every uncaught exception.
+        exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
+        logging.getLogger("cds_service").error("uncaught exception in thread %s", name, exc_info=exc_info)  # type: ignore[arg-type]
 
     threading.excepthook = thread_excepthook
 

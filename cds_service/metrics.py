@@ -76,7 +76,7 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
         # The *_created samples exist only without multiprocess mode: leave them out so both read the same.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
 
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         # In-process mode: a registry of this app's own (tests build many apps in one process). Multiprocess mode:
@@ -245,7 +245,7 @@ class Metrics:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
         # Multiprocess mode: read every worker's files at each scrape (the client library's documented way).
-        source = self.registry if self.registry is not None else multiprocess.MultiProcessCollector(registry=None)
+        source = self.registry if self.registry is not None else multiprocess.MultiProcessCollector(registry=None)  # type: ignore[no-untyped-call]
         view = CollectorRegistry()
         view.register(_LiveOnly(source))
         return generate_latest(view), CONTENT_TYPE_LATEST
@@ -416,6 +416,6 @@ def mark_process_dead(pid: int) -> None:
         from prometheus_client import multiprocess
 
         try:
-            multiprocess.mark_process_dead(pid)
+            multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
         except OSError as exc:
             log.warning("metrics: cleaning up after worker %d failed: %s", pid, exc)

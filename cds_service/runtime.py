@@ -32,7 +32,7 @@ class Runtime:
 
     @property
     def public_url(self) -> str:
-        return self.settings["PUBLIC_URL"]
+        return str(self.settings["PUBLIC_URL"])
 
 
 def build_runtime(settings: dict[str, Any], *, offline: bool = False, store: Store | None = None) -> Runtime:

@@ -25,7 +25,7 @@ EHR = "https://ehr.example.org"
 SELECT_URL = f"{PUBLIC_URL}/cds-services/dsv-order-select"
 SIGN_URL = f"{PUBLIC_URL}/cds-services/dsv-order-sign"
 
-_CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
+_CURVES: dict[str, type[ec.EllipticCurve]] = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,10 @@ class Key:
         return out
 
     def public_pem(self) -> bytes:
-        return self.private.public_key().public_bytes(
+        pem: bytes = self.private.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
+        return pem
 
 
 @cache
@@ -161,7 +162,7 @@ class JwksServer:
     @property
     def base(self) -> str:
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     @property
     def url(self) -> str:

@@ -45,7 +45,8 @@ def app(store_app: Flask) -> Flask:
 
 
 def store_of(app: Flask) -> Store:
-    return app.extensions["cds_store"]
+    store: Store = app.extensions["cds_store"]
+    return store
 
 
 def calls(url: str) -> list[Any]:
@@ -160,7 +161,7 @@ def test_a_record_the_database_refuses_does_not_block_the_others(db_url: str, ca
     store = store_for(db_url)
     store.upgrade()
     good = CallRecord(service_id=SIGN, hook_instance="good\x00with-nul", user_id="u" * 5000)
-    poison = CallRecord(service_id=SIGN, hook_instance="poison", orders=[{"not json": {1, 2}}])  # type: ignore[dict-item]
+    poison = CallRecord(service_id=SIGN, hook_instance="poison", orders=[{"not json": {1, 2}}])
     store.writer.record(poison)
     store.writer.record(good)
     assert store.writer.flush(10)

@@ -58,7 +58,7 @@ def test_records_the_database_never_took_are_spilled_at_close_and_written_once_o
         assert writer.stats()["pending"] == 0
         assert stat.S_IMODE(path.stat().st_mode) == 0o600  # patient data: the service's user only
         lines = path.read_bytes().splitlines()
-        assert sorted(decode(line)[1].hook_instance for line in lines) == sorted(sent)
+        assert sorted(decode(line)[1].hook_instance or "" for line in lines) == sorted(sent)
         kept = tmp_path / "copy.jsonl"
         shutil.copy(path, kept)
 

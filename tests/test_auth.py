@@ -216,7 +216,10 @@ REFUSED: dict[str, tuple[Forge, str]] = {
     "aud has a trailing slash": (lambda es, rs, tk: token(es, claims(SELECT_URL + "/")), "aud does not name"),
     "aud is a prefix match": (lambda es, rs, tk: token(es, claims(SELECT_URL[:-3])), "aud does not name"),
     "aud list without the endpoint": (lambda es, rs, tk: token(es, claims([SIGN_URL, PUBLIC_URL])), "aud does not"),
-    "aud is an object": (lambda es, rs, tk: token(es, claims({"url": SELECT_URL})), "aud does not name"),
+    "aud is an object": (
+        lambda es, rs, tk: token(es, claims({"url": SELECT_URL})),  # type: ignore[arg-type]
+        "aud does not name",
+    ),
     "expired": (lambda es, rs, tk: token(es, claims(now=time.time() - 600, lifetime=300)), "token expired"),
     "iat in the future": (lambda es, rs, tk: token(es, claims(now=time.time() + 300)), "iat is in the future"),
     "iat over an hour ago": (
@@ -249,7 +252,7 @@ REFUSED: dict[str, tuple[Forge, str]] = {
     "payload is an array": (
         lambda es, rs, tk: raw_token({"alg": "ES384", "typ": "JWT", "kid": es.kid}, []),
         "malformed",
-    ),  # type: ignore[arg-type]
+    ),
     "deeply nested payload": (
         lambda es, rs, tk: raw_token(
             {"alg": "ES384", "typ": "JWT", "kid": es.kid}, b'{"x":' + b"[" * 3000 + b"]" * 3000 + b"}"

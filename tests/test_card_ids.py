@@ -83,7 +83,7 @@ def test_feedback_is_linked_on_every_worker_and_instance_before_any_card_is_writ
     store = store_for(db_url)
     try:
         with store.db.engine.connect() as conn:
-            known = dict(conn.exec_driver_sql("SELECT card_uuid, card_known FROM feedback").all())
+            known: dict[str, bool] = dict(conn.exec_driver_sql("SELECT card_uuid, card_known FROM feedback").all())
     finally:
         store.close()
     assert all(known[card] for card, _ in results) and not known[stranger]

@@ -30,7 +30,8 @@ def policy() -> Policy:
 
 
 def load_group(group: str) -> list[dict[str, Any]]:
-    return json.loads((CORPUS / f"{group}.json").read_text(encoding="utf-8"))
+    cases: list[dict[str, Any]] = json.loads((CORPUS / f"{group}.json").read_text(encoding="utf-8"))
+    return cases
 
 
 @cache

@@ -110,7 +110,7 @@ def test_error_responses_carry_the_origin_too(
     response = client.open(path, method=method, data=payload, headers=headers)
     assert response.status_code == status
     assert response.headers["Access-Control-Allow-Origin"] == SANDBOX
-    assert response.json["resourceType"] == "OperationOutcome"
+    assert response.json is not None and response.json["resourceType"] == "OperationOutcome"
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,8 @@ def dsv(rid: str = "dsv1", **fields: Any) -> dict[str, Any]:
 def sign(client: FlaskClient, orders: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     response = client.post(f"/cds-services/{SIGN}", json=b.hook_request("order-sign", orders, **extra))
     assert response.status_code == 200, response.get_data(as_text=True)
-    return response.get_json()
+    answer: dict[str, Any] = response.get_json()
+    return answer
 
 
 def coverage_extension(resource: dict[str, Any]) -> dict[str, Any]:

@@ -171,7 +171,7 @@ def servicerequest_problems(resource: dict[str, Any]) -> list[str]:
     if r5:
         from fhir.resources.servicerequest import ServiceRequest as Model
     else:
-        from fhir.resources.R4B.servicerequest import ServiceRequest as Model  # type: ignore[no-redef]
+        from fhir.resources.R4B.servicerequest import ServiceRequest as Model  # type: ignore[assignment]
     try:
         Model.model_validate(resource)
     except ValueError as exc:

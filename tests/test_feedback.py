@@ -64,7 +64,8 @@ def shown_card(client: FlaskClient, service: str = SIGN) -> dict[str, Any]:
         body["context"]["selections"] = ["ServiceRequest/sr1"]
     response = client.post(f"/cds-services/{service}", json=body)
     assert response.status_code == 200
-    return response.get_json()["cards"][0]
+    card: dict[str, Any] = response.get_json()["cards"][0]
+    return card
 
 
 # -- the body ------------------------------------------------------------------------------------------------------

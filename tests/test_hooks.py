@@ -191,7 +191,7 @@ def test_same_order_listed_twice_gets_one_card(client: FlaskClient) -> None:
 
 
 def test_other_resource_types_are_skipped_without_complaint(client: FlaskClient) -> None:
-    odd = [
+    odd: list[dict[str, Any]] = [
         {"resourceType": "NutritionOrder", "id": "n"},
         {"resourceType": "DeviceRequest", "id": "d", "codeCodeableConcept": {"text": "DMX"}},
         {"resourceType": "VisionPrescription"},

@@ -75,7 +75,8 @@ def assert_sound(response: Any, path: str = SIGN) -> None:
 def assert_status(response: Any, status: int, path: str = SIGN) -> dict[str, Any]:
     assert_sound(response, path)
     assert response.status_code == status, response.data[:300]
-    return json.loads(response.data)
+    body: dict[str, Any] = json.loads(response.data)
+    return body
 
 
 # --- size -------------------------------------------------------------------------------------------------------------

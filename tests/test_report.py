@@ -34,7 +34,7 @@ SINCE = NOW - timedelta(days=30)
 
 def order(flagged: bool, kinds: tuple[str, ...] = (), rule: str | None = None) -> dict[str, Any]:
     """A verdict record: version 2 (with the deciding rule) when `rule` is given, else as version 1 wrote it."""
-    record = {
+    record: dict[str, Any] = {
         "order": "ServiceRequest/sr1",
         "policy": POLICY,
         "policyVersion": "2026.11.0",

@@ -267,7 +267,7 @@ def shown_equals(text: str, value: Any) -> bool:
     if value is None:
         return text == "n/a"
     if text.endswith("%"):
-        return float(text[:-1]) == round(100 * value, 1)
+        return bool(float(text[:-1]) == round(100 * value, 1))
     return float(text) == float(value)
 
 

@@ -269,8 +269,8 @@ def build_report(
                         "comment": item.user_comment or "",
                     }
                 )
-            key = (item.override_code or "", display, item.override_system or "")
-            reasons[key].append(
+            reason_key = (item.override_code or "", display, item.override_system or "")
+            reasons[reason_key].append(
                 {
                     "card": card_uuid,
                     "at": _iso(item.outcome_timestamp),
