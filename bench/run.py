@@ -1018,17 +1018,22 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if bench.fhir is not None:
                 bench.fhir.close()
-    text = render(results)
+    save_results(render(results), results, "", args.json)
+    return 1 if results["sanity"] else 0
+
+
+def save_results(text: str, results: dict[str, Any], prefix: str, json_path: Path | None) -> None:
+    """Print the table and keep it with the raw numbers: bench/results/<prefix><UTC time>.md and .json (and the
+    numbers at `json_path` when asked)."""
     print(text)
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (out_dir / f"{stamp}.md").write_text(text + "\n")
+    (out_dir / f"{prefix}{stamp}.md").write_text(text + "\n")
     raw = json.dumps(results, indent=1, default=str)
-    (out_dir / f"{stamp}.json").write_text(raw)
-    if args.json:
-        args.json.write_text(raw)
-    return 1 if results["sanity"] else 0
+    (out_dir / f"{prefix}{stamp}.json").write_text(raw)
+    if json_path:
+        json_path.write_text(raw)
 
 
 if __name__ == "__main__":

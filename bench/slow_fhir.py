@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import statistics
 import sys
@@ -17,7 +16,6 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -325,16 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
             stub.close()
     results["rows"].sort(key=lambda r: (r["service"], r["slow_callers"]))
-    text = render(results)
-    print(text)
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (out_dir / f"slow-fhir-{stamp}.md").write_text(text + "\n")
-    raw = json.dumps(results, indent=1, default=str)
-    (out_dir / f"slow-fhir-{stamp}.json").write_text(raw)
-    if args.json:
-        args.json.write_text(raw)
+    run.save_results(render(results), results, "slow-fhir-", args.json)
     return 0
 
 
