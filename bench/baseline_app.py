@@ -1,6 +1,6 @@
 """The yardstick: bare Flask that parses the JSON body and answers 2 KB of JSON, served like `cds-service serve`.
 
-It is started through cds_service.server.serve (the same gunicorn options: worker class, workers, threads,
+It is started through cds_service.ops.server.serve (the same gunicorn options: worker class, workers, threads,
 keep-alive, preload) so the ratio service/baseline measures the service's own work and nothing else.
 """
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cds_service.cli import build_parser
     from cds_service.config import DEFAULTS
-    from cds_service.server import default_workers, serve
+    from cds_service.ops.server import default_workers, serve
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")

@@ -20,8 +20,9 @@ sys.path.insert(0, str(HERE.parent))
 # As `serve` does: the multiprocess folder before prometheus_client is imported.
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="metrics-cost-")
 
-from cds_service import create_app, metrics  # noqa: E402
+from cds_service import create_app  # noqa: E402
 from cds_service.audit import CallRecord  # noqa: E402
+from cds_service.ops import metrics  # noqa: E402
 from tests import builders as b  # noqa: E402
 
 CALLS = 20_000

@@ -146,8 +146,9 @@ def install_timers(h: Harness) -> Timers:
     import flask
     import jwt
 
-    from cds_service import api, calls
+    from cds_service import calls
     from cds_service.engine import cards, context, crd, decision, hook, outcome, prefilter, terms
+    from cds_service.web import views as api
 
     rt = h.app.extensions["cds"]
     t = Timers()
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         h = Harness(args.auth, args.jwt_alg, Path(tmp))
         if not args.no_gc_freeze:
             gc.collect()
-            gc.freeze()  # as cds_service.server.serve does before forking the workers
+            gc.freeze()  # as cds_service.ops.server.serve does before forking the workers
         print(f"auth {args.auth}{' ' + args.jwt_alg if args.auth == 'jwt' else ''}; python {sys.version.split()[0]}")
         for size in args.orders:
             body = orjson.dumps(bodies.order_sign_body(size))

@@ -24,7 +24,8 @@ def parse_sets(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
 
 def main(argv: list[str]) -> int:
     settings, rest = parse_sets(argv)
-    from cds_service import cli, server
+    from cds_service import cli
+    from cds_service.ops import server
 
     real_serve = server.serve
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import date
 
 from .engine import HookRequest, Outcome, Service, assess, respond
-from .fhir_client import CoverageFinder
+from .fhir.client import CoverageFinder
 
 
 def answer(

@@ -16,8 +16,8 @@ from .calls import answer
 from .engine import InvalidRequest, Outcome, PolicyError, Service, describe, parse_hook_request, parse_json
 from .engine.examples import ExampleReport, run_examples
 from .engine.policy import PolicySet, check_policies, json_schema, packaged_policy_dir
-from .errors import BadRequest, ServiceError
 from .runtime import build_runtime
+from .web.errors import BadRequest, ServiceError
 
 # Subcommands added by other modules (storage: db, audit, report) register here.
 Registrar = Callable[[argparse._SubParsersAction], None]  # type: ignore[type-arg]
@@ -34,8 +34,8 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .logs import configure
-    from .operate import serving
+    from .ops.logs import configure
+    from .ops.operate import serving
 
     try:
         settings = config_module.load()
@@ -48,8 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, private_dir: str) -> int:
-    from .app import create_app
-    from .server import check_port_free, default_workers, serve
+    from .ops.server import check_port_free, default_workers, serve
+    from .web.app import create_app
 
     try:
         app = create_app()

@@ -8,6 +8,11 @@ from typing import Any
 
 PREFIX = "CDS_"
 
+# The Flask import name fixes the instance folder (the default SQLite file and audit spill folder live there; an
+# installed wheel's is <prefix>/var/cds_service.app-instance). It keeps the name the app module had before it moved
+# into cds_service/web/, so an upgrade finds the same database.
+FLASK_IMPORT_NAME = "cds_service.app"
+
 # Every setting the service reads, with its default. README.md documents each one.
 DEFAULTS: dict[str, Any] = {
     "POLICY_DIR": None,  # None: the packaged cards/

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .audit import AuditSink, NullAudit
-from .auth import Authenticator, JtiStore, MemoryJtiStore, build_authenticator
-from .breaker import BreakerSettings
+from .auth.tokens import Authenticator, JtiStore, MemoryJtiStore, build_authenticator
 from .engine.policy import PolicySet, load_policies
-from .fhir_client import CoverageFinder, FhirReader, FhirSettings
+from .fhir.breaker import BreakerSettings
+from .fhir.client import CoverageFinder, FhirReader, FhirSettings
 
 if TYPE_CHECKING:
     from .store import Store

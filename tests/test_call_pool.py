@@ -8,7 +8,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from cds_service.call_pool import ElasticPool, blocking_io
+from cds_service.ops.call_pool import ElasticPool, blocking_io
 
 
 class Gauge:

@@ -12,9 +12,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from cds_service import create_app
-from cds_service.errors import BadRequest
-from cds_service.feedback import parse_feedback
 from cds_service.store.models import feedback
+from cds_service.web.errors import BadRequest
+from cds_service.web.feedback import parse_feedback
 
 from .conftest import SELECT, SIGN
 from .jwt_support import EHR, PUBLIC_URL, SIGN_URL, bearer, claims, ec_key, issuers_file, jwks, token

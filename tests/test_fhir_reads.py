@@ -15,8 +15,8 @@ import pytest
 from flask import Flask
 
 from cds_service import create_app
-from cds_service.breaker import CLOSED, HALF_OPEN, OPEN, BreakerBoard, BreakerSettings, server_key
-from cds_service.fhir_client import FetchError, FhirReader, FhirSettings
+from cds_service.fhir.breaker import CLOSED, HALF_OPEN, OPEN, BreakerBoard, BreakerSettings, server_key
+from cds_service.fhir.client import FetchError, FhirReader, FhirSettings
 from cds_service.store.models import audit_call
 
 from . import builders as b

@@ -11,8 +11,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from cds_service import create_app, metrics
-from cds_service.metrics import REFUSAL_LABELS, refusal_label
+from cds_service import create_app
+from cds_service.ops import metrics
+from cds_service.ops.metrics import REFUSAL_LABELS, refusal_label
 
 from . import builders as b
 from .conftest import ROOT, SELECT, SIGN
@@ -143,7 +144,7 @@ def test_jwt_refusals_are_counted_by_a_fixed_reason(tmp_path: Path) -> None:
 
 
 def test_every_refusal_reason_in_auth_has_a_stable_label() -> None:
-    source = (ROOT / "cds_service" / "auth.py").read_text()
+    source = (ROOT / "cds_service" / "auth" / "tokens.py").read_text()
     reasons = re.findall(r'AuthError\(\s*f?"([^"]+)"', source)
     assert len(reasons) > 20
     for reason in reasons:

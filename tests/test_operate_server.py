@@ -267,7 +267,7 @@ def test_json_logs_are_one_object_per_line_and_call_lines_carry_the_call(tmp_pat
     assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
     assert secret not in log.read_text()
     loggers = {line["logger"] for line in lines}
-    assert {"gunicorn.error", "gunicorn.access", "cds_service.reload", "cds_service.fhir_client"} <= loggers
+    assert {"gunicorn.error", "gunicorn.access", "cds_service.ops.reload", "cds_service.fhir.client"} <= loggers
 
     access = [line for line in lines if line["logger"] == "gunicorn.access" and line["method"] == "POST"]
     by_path = {(line["path"], line["status"]): line for line in access}
@@ -281,7 +281,7 @@ def test_json_logs_are_one_object_per_line_and_call_lines_carry_the_call(tmp_pat
     )
 
     # The warning logged in the middle of the call carries the call's fields, its final status included.
-    [warning] = [line for line in lines if line["logger"] == "cds_service.fhir_client"]
+    [warning] = [line for line in lines if line["logger"] == "cds_service.fhir.client"]
     assert warning["level"] == "WARNING" and "coverage read failed" in warning["message"]
     assert (warning["service"], warning["hookInstance"], warning["status"]) == (SIGN, body["hookInstance"], 200)
     # gunicorn's own start and stop lines are JSON too.

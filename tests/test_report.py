@@ -12,11 +12,11 @@ import pytest
 
 from cds_service import create_app
 from cds_service.audit import CallRecord
-from cds_service.auth import Identity
+from cds_service.auth.tokens import Identity
 from cds_service.cli import main
-from cds_service.feedback import parse_feedback
 from cds_service.store import Store
 from cds_service.store.report import build_report, percentile, render_text
+from cds_service.web.feedback import parse_feedback
 
 from .conftest import SIGN
 from .store_support import flagged_call, plain_call, store_for

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from cds_service.audit import CallRecord
-from cds_service.auth import Identity
+from cds_service.auth.tokens import Identity
 from cds_service.cli import main
-from cds_service.feedback import parse_feedback
 from cds_service.store import Store
 from cds_service.store.report import build_report
+from cds_service.web.feedback import parse_feedback
 
 from .chromium_support import chromium, open_offline
 from .conftest import SIGN

@@ -11,10 +11,10 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from .. import metrics
 from ..audit import AuditSink, NullAudit
-from ..auth import Identity
-from ..feedback import FeedbackItem
+from ..auth.tokens import Identity
+from ..ops import metrics
+from ..web.feedback import FeedbackItem
 from . import spill
 from .audit_writer import AuditWriter, write_batch
 from .card_ids import CardIds

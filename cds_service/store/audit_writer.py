@@ -16,8 +16,8 @@ from sqlalchemy import Connection, String, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from .. import metrics
 from ..audit import CallRecord
+from ..ops import metrics
 from . import spill
 from .db import Database, SchemaTooNew, StoreUnavailable, short_error
 from .models import audit_call, audit_card

@@ -23,7 +23,7 @@ def instance_path() -> str:
     """The same instance folder the app uses (Flask derives it from the package's location)."""
     from flask import Flask
 
-    return Flask("cds_service.app", instance_relative_config=True).instance_path
+    return Flask(config_module.FLASK_IMPORT_NAME, instance_relative_config=True).instance_path
 
 
 def _store() -> Store:

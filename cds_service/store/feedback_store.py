@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..auth import Identity
-from ..feedback import FeedbackItem
+from ..auth.tokens import Identity
+from ..web.feedback import FeedbackItem
 from .audit_writer import clean, column_limit, insert_ignoring_duplicates
 from .db import Database, StoreUnavailable, short_error
 from .models import audit_card, feedback

@@ -12,7 +12,7 @@ from sqlalchemy import bindparam, delete
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..auth import MemoryJtiStore
+from ..auth.tokens import MemoryJtiStore
 from .audit_writer import clean, column_limit
 from .db import Database, SchemaTooNew, StoreUnavailable, short_error
 from .models import jti_seen

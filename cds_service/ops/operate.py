@@ -12,9 +12,9 @@ from typing import Any
 
 from flask import Flask, Response, request
 
+from ..audit import AuditSink, CallRecord
+from ..web.errors import ServiceError
 from . import logs, metrics
-from .audit import AuditSink, CallRecord
-from .errors import ServiceError
 from .reload import PolicyReloader
 
 log = logging.getLogger(__name__)

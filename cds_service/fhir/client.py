@@ -17,16 +17,16 @@ import orjson
 import requests
 import urllib3
 
-from . import metrics
+from ..engine.crd import CoverageResult
+from ..engine.orders import as_list
+from ..ops import metrics
+from ..ops.call_pool import blocking_io
+from ..web.errors import ServiceError
 from .breaker import BreakerBoard, BreakerOpen, BreakerSettings, server_key
-from .call_pool import blocking_io
-from .engine.crd import CoverageResult
-from .engine.orders import as_list
-from .errors import ServiceError
 
 if TYPE_CHECKING:
-    from .engine.policy import PrefetchKey
-    from .engine.request import HookRequest
+    from ..engine.policy import PrefetchKey
+    from ..engine.request import HookRequest
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ import orjson
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import metrics
-from .audit import CallRecord
-from .auth import AuthError, Identity
-from .calls import answer
-from .engine import InvalidRequest, crd, parse_hook_request, parse_json
+from ..audit import CallRecord
+from ..auth.tokens import AuthError, Identity
+from ..calls import answer
+from ..engine import InvalidRequest, crd, parse_hook_request, parse_json
+from ..ops import metrics
+from ..runtime import Runtime
 from .errors import BadRequest, ServiceError
-from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 bp = Blueprint("cds", __name__)

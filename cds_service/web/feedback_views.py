@@ -6,11 +6,11 @@ import logging
 
 from flask import Blueprint, Response, current_app
 
-from . import metrics
-from .api import authenticate, json_response, read_json, runtime
+from ..ops import metrics
+from ..store import SchemaTooNew, Store, StoreUnavailable
 from .errors import ServiceError, operation_outcome
 from .feedback import parse_feedback
-from .store import SchemaTooNew, Store, StoreUnavailable
+from .views import authenticate, json_response, read_json, runtime
 
 log = logging.getLogger(__name__)
 bp = Blueprint("cds_feedback", __name__)

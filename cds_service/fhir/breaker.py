@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import metrics
+from ..ops import metrics
 
 log = logging.getLogger(__name__)
 

@@ -5,18 +5,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from . import config as config_module
-from .api import bp, discovery_document, json_response
+from .. import config as config_module
+from ..ops.operate import install as install_operations
+from ..runtime import build_runtime
+from ..store import open_store
 from .errors import ServiceError, issue_type, operation_outcome
-from .feedback_api import bp as feedback_bp
-from .operate import install as install_operations
-from .runtime import build_runtime
-from .store import open_store
+from .feedback_views import bp as feedback_bp
+from .views import bp, discovery_document, json_response
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app. `config` takes the CDS_* setting names without the prefix and wins over the environment."""
     started = time.monotonic()
     settings = config_module.load(config)
-    app = Flask(__name__, instance_relative_config=True)
+    app = Flask(config_module.FLASK_IMPORT_NAME, root_path=str(Path(__file__).parent), instance_relative_config=True)
     app.config.update(settings)
     app.config["MAX_CONTENT_LENGTH"] = settings["MAX_BODY_BYTES"]
     app.json.sort_keys = False  # type: ignore[attr-defined]

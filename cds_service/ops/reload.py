@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..engine.policy import PolicySet, check_policies, load_policies, packaged_policy_dir, policy_files
 from . import metrics
-from .engine.policy import PolicySet, check_policies, load_policies, packaged_policy_dir, policy_files
 from .logs import now_iso
 
 if TYPE_CHECKING:
     from flask import Flask
 
-    from .runtime import Runtime
+    from ..runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class PolicyReloader:
     # -- the switch -------------------------------------------------------------------------------------------------
     def swap(self, policies: PolicySet) -> None:
         """Policies, services and discovery change together: one new Runtime, put in place in one assignment."""
-        from .api import discovery_document
+        from ..web.views import discovery_document
 
         fresh = dataclasses.replace(self.runtime, policies=policies)
         fresh.discovery = discovery_document(fresh)

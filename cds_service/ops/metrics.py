@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from .audit import CallRecord
-    from .engine.policy import Policy
+    from ..audit import CallRecord
+    from ..engine.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ FHIR_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
 MAX_FHIR_SERVERS = 50
 
 # JWT refusal reasons (auth.AuthError.reason, free text for the log) as a small fixed set of label values.
-# First matching prefix wins; test_metrics checks that every reason auth.py raises has a label here.
+# First matching prefix wins; test_metrics checks that every reason auth/tokens.py raises has a label here.
 _REFUSALS: tuple[tuple[str, str], ...] = (
     ("no Authorization header", "no-token"),
     ("empty bearer token", "no-token"),

@@ -1,0 +1,1 @@
+"""What operators run and watch: the gunicorn server, the call pool, metrics, logs and live policy reload."""

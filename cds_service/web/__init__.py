@@ -1,0 +1,1 @@
+"""The HTTP face: the Flask app factory, the hook and feedback views, client errors as OperationOutcomes."""
