@@ -1,4 +1,4 @@
-"""What one service call leaves in the audit log, and the sink interface that stores it."""
+"""What one service call leaves in the audit log (who called, what was judged), and the sink that stores it."""
 
 from __future__ import annotations
 
@@ -28,6 +28,17 @@ class CallRecord:
     status: int = 200
     error: str | None = None
     duration_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who called: safe to log and audit (never the token itself)."""
+
+    iss: str | None = None
+    kid: str | None = None
+    jti: str | None = None
+    tenant: str | None = None
+    sub: str | None = None
 
 
 class AuditSink(Protocol):

@@ -16,8 +16,8 @@ from .calls import answer
 from .engine import InvalidRequest, Outcome, PolicyError, Service, describe, parse_hook_request, parse_json
 from .engine.examples import ExampleReport, run_examples
 from .engine.policy import PolicySet, check_policies, json_schema, packaged_policy_dir
+from .errors import BadRequest, ServiceError
 from .runtime import build_runtime
-from .web.errors import BadRequest, ServiceError
 
 # Subcommands added by other modules (storage: db, audit, report) register here.
 Registrar = Callable[[argparse._SubParsersAction], None]  # type: ignore[type-arg]

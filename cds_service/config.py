@@ -13,7 +13,7 @@ PREFIX = "CDS_"
 # into cds_service/web/, so an upgrade finds the same database.
 FLASK_IMPORT_NAME = "cds_service.app"
 
-# Every setting the service reads, with its default. README.md documents each one.
+# Every setting the service reads, with its default. docs/operators.md (Settings) documents each one.
 DEFAULTS: dict[str, Any] = {
     "POLICY_DIR": None,  # None: the packaged cards/
     "PUBLIC_URL": "http://127.0.0.1:8080",

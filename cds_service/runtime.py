@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .audit import AuditSink, NullAudit
-from .auth.tokens import Authenticator, JtiStore, MemoryJtiStore, build_authenticator
+from .auth.tokens import Authenticator, JtiStore, build_authenticator
 from .engine.policy import PolicySet, load_policies
 from .fhir.breaker import BreakerSettings
 from .fhir.client import CoverageFinder, FhirReader, FhirSettings
+from .store.jti import MemoryJtiStore
 
 if TYPE_CHECKING:
     from .store import Store

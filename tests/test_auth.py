@@ -19,12 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cds_service import create_app
+from cds_service.audit import Identity
 from cds_service.auth.tokens import (
     Authenticator,
     AuthError,
-    Identity,
     JwksFetchError,
-    MemoryJtiStore,
     TrustedIssuer,
     fetch_jwks,
     load_issuers,
@@ -32,6 +31,7 @@ from cds_service.auth.tokens import (
     parse_jwks,
 )
 from cds_service.config import ConfigError
+from cds_service.store.jti import MemoryJtiStore
 
 from .builders import hook_request, service_request
 from .jwt_support import (

@@ -12,8 +12,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from cds_service import create_app
+from cds_service.errors import BadRequest
 from cds_service.store.models import feedback
-from cds_service.web.errors import BadRequest
 from cds_service.web.feedback import parse_feedback
 
 from .conftest import SELECT, SIGN

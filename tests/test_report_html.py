@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from cds_service.audit import CallRecord
-from cds_service.auth.tokens import Identity
+from cds_service.audit import CallRecord, Identity
 from cds_service.cli import main
 from cds_service.store import Store
 from cds_service.store.report import build_report

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from ..audit import Identity
 from ..config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,17 +41,6 @@ MAX_JWKS_BYTES = 256 * 1024
 MAX_TOKEN_CHARS = 8192  # real CDS Hooks tokens are under 1 KB; gunicorn caps a header line at 8190 anyway
 _MAX_CLAIM_CHARS = 200  # jti, tenant: longer values are refused rather than stored (or cut by a store)
 _LOG_CHARS = 128
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who called: safe to log and audit (never the token itself)."""
-
-    iss: str | None = None
-    kid: str | None = None
-    jti: str | None = None
-    tenant: str | None = None
-    sub: str | None = None
 
 
 class AuthError(Exception):
@@ -76,28 +66,6 @@ class JtiStore(Protocol):
     def remember(self, iss: str, jti: str, expires_at: float) -> bool:
         """Record (iss, jti) until `expires_at` (epoch seconds); False when it was already there (a replay)."""
         ...
-
-
-class MemoryJtiStore:
-    """In-process jti store: correct for one process only (tests, `flask run`, the SQLite default)."""
-
-    def __init__(self) -> None:
-        self._seen: dict[tuple[str, str], float] = {}
-        self._lock = threading.Lock()
-        self._prune_at = 10000
-
-    def remember(self, iss: str, jti: str, expires_at: float) -> bool:
-        now = time.time()
-        with self._lock:
-            if len(self._seen) > self._prune_at:
-                self._seen = {k: v for k, v in self._seen.items() if v > now}
-                # Prune again only when the live set has doubled: pruning on every call would be O(n) per call.
-                self._prune_at = max(10000, 2 * len(self._seen))
-            key = (iss, jti)
-            if self._seen.get(key, 0) > now:
-                return False
-            self._seen[key] = expires_at
-            return True
 
 
 # --- trusted issuers ------------------------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ import urllib3
 
 from ..engine.crd import CoverageResult
 from ..engine.orders import as_list
+from ..errors import ServiceError
 from ..ops import metrics
 from ..ops.call_pool import blocking_io
-from ..web.errors import ServiceError
 from .breaker import BreakerBoard, BreakerOpen, BreakerSettings, server_key
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from typing import Any
 from flask import Flask, Response, request
 
 from ..audit import AuditSink, CallRecord
-from ..web.errors import ServiceError
+from ..errors import ServiceError
 from . import logs, metrics
 from .reload import PolicyReloader
 

@@ -11,15 +11,13 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from ..audit import AuditSink, NullAudit
-from ..auth.tokens import Identity
+from ..audit import AuditSink, Identity, NullAudit
 from ..ops import metrics
-from ..web.feedback import FeedbackItem
 from . import spill
 from .audit_writer import AuditWriter, write_batch
 from .card_ids import CardIds
 from .db import Database, SchemaTooNew, StoreUnavailable, database_url, safe_url
-from .feedback_store import SaveResult, save_feedback
+from .feedback_store import FeedbackItem, SaveResult, save_feedback
 from .jti import DatabaseJtiStore
 from .schema import check_not_newer, current_revision, head_revision, known_revisions, upgrade
 

@@ -2,18 +2,49 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import orjson
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..auth.tokens import Identity
-from ..web.feedback import FeedbackItem
+from ..audit import Identity
 from .audit_writer import clean, column_limit, insert_ignoring_duplicates
 from .db import Database, StoreUnavailable, short_error
 from .models import audit_card, feedback
+
+
+@dataclass(frozen=True)
+class FeedbackItem:
+    """One feedback entry: what the clinician did with one card."""
+
+    card: str
+    outcome: str
+    outcome_timestamp: datetime  # UTC
+    accepted_suggestions: tuple[str, ...] = ()
+    override_system: str | None = None
+    override_code: str | None = None
+    override_display: str | None = None
+    user_comment: str | None = None
+
+    def dedupe_key(self, service_id: str) -> str:
+        """Same service, card, outcome, suggestions, reason, comment and time: the same item, stored once."""
+        canonical = orjson.dumps(
+            [
+                service_id,
+                self.card,
+                self.outcome,
+                sorted(self.accepted_suggestions),
+                self.override_system,
+                self.override_code,
+                self.user_comment,
+                self.outcome_timestamp.isoformat(),
+            ]
+        )
+        return hashlib.sha256(canonical).hexdigest()
 
 
 @dataclass

@@ -12,7 +12,6 @@ from sqlalchemy import bindparam, delete
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..auth.tokens import MemoryJtiStore
 from .audit_writer import clean, column_limit
 from .db import Database, SchemaTooNew, StoreUnavailable, short_error
 from .models import jti_seen
@@ -38,6 +37,28 @@ _PG_CLAIM = (
     "ON CONFLICT (iss, jti) DO UPDATE SET expires_at = excluded.expires_at WHERE jti_seen.expires_at <= %s "
     "RETURNING jti"
 )
+
+
+class MemoryJtiStore:
+    """In-process jti store: correct for one process only (tests, `flask run`, the SQLite default)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+        self._prune_at = 10000
+
+    def remember(self, iss: str, jti: str, expires_at: float) -> bool:
+        now = time.time()
+        with self._lock:
+            if len(self._seen) > self._prune_at:
+                self._seen = {k: v for k, v in self._seen.items() if v > now}
+                # Prune again only when the live set has doubled: pruning on every call would be O(n) per call.
+                self._prune_at = max(10000, 2 * len(self._seen))
+            key = (iss, jti)
+            if self._seen.get(key, 0) > now:
+                return False
+            self._seen[key] = expires_at
+            return True
 
 
 class DatabaseJtiStore:

@@ -12,10 +12,10 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from .. import config as config_module
+from ..errors import ServiceError, issue_type, operation_outcome
 from ..ops.operate import install as install_operations
 from ..runtime import build_runtime
 from ..store import open_store
-from .errors import ServiceError, issue_type, operation_outcome
 from .feedback_views import bp as feedback_bp
 from .views import bp, discovery_document, json_response
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
-from .errors import BadRequest
+from ..errors import BadRequest
+from ..store.feedback_store import FeedbackItem
 
 OUTCOMES = ("accepted", "overridden")
 MAX_ITEMS = 100
@@ -18,36 +15,6 @@ MAX_ID = 200
 MAX_COMMENT = 4000
 # RFC 3339 date-time (CDS Hooks 2.0: outcomeTimestamp is an ISO 8601 / RFC 3339 instant, with its offset).
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
-
-
-@dataclass(frozen=True)
-class FeedbackItem:
-    """One feedback entry: what the clinician did with one card."""
-
-    card: str
-    outcome: str
-    outcome_timestamp: datetime  # UTC
-    accepted_suggestions: tuple[str, ...] = ()
-    override_system: str | None = None
-    override_code: str | None = None
-    override_display: str | None = None
-    user_comment: str | None = None
-
-    def dedupe_key(self, service_id: str) -> str:
-        """Same service, card, outcome, suggestions, reason, comment and time: the same item, stored once."""
-        canonical = orjson.dumps(
-            [
-                service_id,
-                self.card,
-                self.outcome,
-                sorted(self.accepted_suggestions),
-                self.override_system,
-                self.override_code,
-                self.user_comment,
-                self.outcome_timestamp.isoformat(),
-            ]
-        )
-        return hashlib.sha256(canonical).hexdigest()
 
 
 def parse_feedback(body: Any) -> list[FeedbackItem]:

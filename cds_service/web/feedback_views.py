@@ -6,9 +6,9 @@ import logging
 
 from flask import Blueprint, Response, current_app
 
+from ..errors import ServiceError, operation_outcome
 from ..ops import metrics
 from ..store import SchemaTooNew, Store, StoreUnavailable
-from .errors import ServiceError, operation_outcome
 from .feedback import parse_feedback
 from .views import authenticate, json_response, read_json, runtime
 

@@ -10,13 +10,13 @@ import orjson
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from ..audit import CallRecord
-from ..auth.tokens import AuthError, Identity
+from ..audit import CallRecord, Identity
+from ..auth.tokens import AuthError
 from ..calls import answer
 from ..engine import InvalidRequest, crd, parse_hook_request, parse_json
+from ..errors import BadRequest, ServiceError
 from ..ops import metrics
 from ..runtime import Runtime
-from .errors import BadRequest, ServiceError
 
 log = logging.getLogger(__name__)
 bp = Blueprint("cds", __name__)
