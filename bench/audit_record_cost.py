@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cds_service import create_app
 from cds_service.audit import CallRecord
+from cds_service.runtime import services_of
 from tests.store_support import flagged_call
 
 
@@ -34,7 +35,7 @@ def main() -> None:
     url = sys.argv[1] if len(sys.argv) > 1 else f"sqlite:///{tempfile.mkdtemp()}/bench.sqlite3"
     app = create_app({"AUTH": "off", "DATABASE_URL": url})
     client = app.test_client()
-    store = app.extensions["cds_store"]
+    store = services_of(app).store
     store.upgrade()
 
     # A real record, as api.call_service builds it, to copy.
@@ -73,7 +74,7 @@ def main() -> None:
     # The difference is what the audit costs the hook, sharing the GIL with the writer thread included.
     apps = {audit: create_app({"AUTH": "off", "DATABASE_URL": url, "AUDIT": audit}) for audit in (True, False)}
     clients = {audit: bench_app.test_client() for audit, bench_app in apps.items()}
-    writer = apps[True].extensions["cds_store"].writer
+    writer = services_of(apps[True]).store.writer
     calls: dict[bool, list[float]] = {True: [], False: []}
     for block in range(9):
         for audit in (True, False):
@@ -85,7 +86,7 @@ def main() -> None:
                     calls[audit].append((time.perf_counter_ns() - start) / 1000)
             writer.flush(30)
     for audit in (True, False):
-        apps[audit].extensions["cds_store"].close()
+        services_of(apps[audit]).store.close()
         summary(f"hook call via test client, audit {'on' if audit else 'off'}", calls[audit])
     store.close()
 

@@ -58,8 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     serve_defaults = build_parser().parse_args(["serve"])
     app = create_app()
     overrides, _ = parse_sets([item for pair in args.set for item in ("--set", pair)])
-    if overrides:
-        app.extensions["cds_server_hooks"] = overrides
     serve(
         app,
         host=args.host,
@@ -67,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers or serve_defaults.workers or default_workers(),
         threads=args.threads or serve_defaults.threads,
         log_level=str(DEFAULTS["LOG_LEVEL"]),
+        hooks=overrides,
     )
     return 0
 

@@ -23,6 +23,7 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="metrics-cost-"
 from cds_service import create_app  # noqa: E402
 from cds_service.audit import CallRecord  # noqa: E402
 from cds_service.ops import metrics  # noqa: E402
+from cds_service.runtime import services_of  # noqa: E402
 from tests import builders as b  # noqa: E402
 
 CALLS = 20_000
@@ -32,14 +33,15 @@ def one_record() -> CallRecord:
     """The record of a real 5-order order-sign call (one flagged), as the audit sink receives it."""
     seen: list[CallRecord] = []
     app = create_app({"AUTH": "off", "AUDIT": False, "DATABASE_URL": "sqlite://"})
-    inner = app.extensions["cds"].audit.inner
-    app.extensions["cds"].audit.inner = type("Keep", (), {"record": lambda self, call: seen.append(call)})()
+    observed = services_of(app).runtime.audit
+    inner = observed.inner  # type: ignore[attr-defined]
+    observed.inner = type("Keep", (), {"record": lambda self, call: seen.append(call)})()  # type: ignore[attr-defined]
     orders = [b.service_request("d1", text="Digital motion x-ray of the cervical spine")]
     orders += [b.service_request(f"x{i}", text=f"XR lumbar spine {i} views") for i in range(4)]
     response = app.test_client().post("/cds-services/dsv-order-sign", json=b.hook_request("order-sign", orders))
     if response.status_code != 200:
         raise SystemExit(f"the call answered {response.status_code}")
-    app.extensions["cds"].audit.inner = inner
+    observed.inner = inner  # type: ignore[attr-defined]
     return seen[0]
 
 

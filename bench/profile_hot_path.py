@@ -100,9 +100,9 @@ class Harness:
             settings["TRUSTED_ISSUERS"] = str(issuers)
         self.auth = auth
         self.app = create_app(settings)
-        prepare = self.app.extensions.get("cds_prepare_serve")
-        if prepare is not None:
-            prepare()
+        from cds_service.runtime import services_of
+
+        services_of(self.app).store.prepare_serve()
         self.pool: list[str] = []
 
     def tokens(self, count: int) -> None:
@@ -136,7 +136,9 @@ class Harness:
         return out
 
     def flush_audit(self) -> None:
-        audit = self.app.extensions["cds"].audit
+        from cds_service.runtime import services_of
+
+        audit = services_of(self.app).runtime.audit
         if hasattr(audit, "flush"):
             audit.flush()
 
@@ -148,9 +150,10 @@ def install_timers(h: Harness) -> Timers:
 
     from cds_service import calls
     from cds_service.engine import cards, context, crd, decision, hook, outcome, prefilter, terms
+    from cds_service.runtime import services_of
     from cds_service.web import views as api
 
-    rt = h.app.extensions["cds"]
+    rt = services_of(h.app).runtime
     t = Timers()
     t.wrap(flask.Flask, "wsgi_app", "whole WSGI call (Flask + view)", 0)
     view = h.app.view_functions

@@ -30,11 +30,10 @@ def main(argv: list[str]) -> int:
     real_serve = server.serve
 
     def serve_with(app, **kwargs):  # type: ignore[no-untyped-def]
-        # serve() applies app.extensions["cds_server_hooks"] over its own options: the overrides go there.
-        hooks = dict(app.extensions.get("cds_server_hooks", {}))
+        # serve() applies `hooks` over its own options: the overrides go there.
+        hooks = dict(kwargs.pop("hooks", None) or {})
         hooks.update(settings)
-        app.extensions["cds_server_hooks"] = hooks
-        real_serve(app, **kwargs)
+        real_serve(app, hooks=hooks, **kwargs)
 
     server.serve = serve_with  # cmd_serve imports serve at call time, so it gets this one
     return cli.main(["serve", *rest])

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cds_service import create_app
 from cds_service.audit import CallRecord
+from cds_service.runtime import services_of
 from cds_service.store import Store
 from cds_service.store.audit_writer import write_batch
 from tests.store_support import flagged_call
@@ -28,7 +29,7 @@ from tests.store_support import flagged_call
 def real_record(url: str) -> CallRecord:
     """The audit record of a real flagged call, captured from the app."""
     app = create_app({"AUTH": "off", "DATABASE_URL": url, "AUDIT": True})
-    store: Store = app.extensions["cds_store"]
+    store: Store = services_of(app).store
     captured: list[CallRecord] = []
     original = store.writer.record
 
@@ -46,7 +47,7 @@ def writer_cpu(url: str, record: CallRecord, batch: int = 200, batches: int = 25
     """Microseconds of CPU (this thread) per record written in batches of `batch`."""
     store = Store.__new__(Store)
     app = create_app({"AUTH": "off", "DATABASE_URL": url, "AUDIT": True})
-    store = app.extensions["cds_store"]
+    store = services_of(app).store
     store.ensure_schema()
     db = store.db
     spent = 0.0
@@ -61,7 +62,7 @@ def writer_cpu(url: str, record: CallRecord, batch: int = 200, batches: int = 25
 
 def jti_latency(url: str, calls: int = 2000) -> tuple[float, float]:
     app = create_app({"AUTH": "off", "DATABASE_URL": url})
-    store = app.extensions["cds_store"]
+    store = services_of(app).store
     jtis = store.jti_store
     expires = time.time() + 300
     for _ in range(50):

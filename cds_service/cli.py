@@ -17,7 +17,7 @@ from .engine import InvalidRequest, Outcome, PolicyError, Service, describe, par
 from .engine.examples import ExampleReport, run_examples
 from .engine.policy import PolicySet, check_policies, json_schema, packaged_policy_dir
 from .errors import BadRequest, ServiceError
-from .runtime import build_runtime
+from .runtime import build_runtime, services_of
 
 # Subcommands added by other modules (storage: db, audit, report) register here.
 Registrar = Callable[[argparse._SubParsersAction], None]  # type: ignore[type-arg]
@@ -42,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except config_module.ConfigError as exc:
         return _fail(str(exc), 2)
     # Before anything logs: in JSON mode every line on stdout and stderr is a JSON object, this one's too.
-    configure(settings["LOG_FORMAT"], "INFO")
+    configure(settings.log_format, "INFO")
     with serving(settings) as private_dir:
         return _serve(args, private_dir)
 
@@ -55,25 +55,28 @@ def _serve(args: argparse.Namespace, private_dir: str) -> int:
         app = create_app()
     except (PolicyError, config_module.ConfigError) as exc:
         return _fail(str(exc), 2)
-    prepare = app.extensions.get("cds_prepare_serve")
-    if prepare is not None:
-        try:
-            prepare()
-        except RuntimeError as exc:
-            return _fail(str(exc), 2)
+    parts = services_of(app)
+    try:
+        parts.store.prepare_serve()
+    except RuntimeError as exc:
+        return _fail(str(exc), 2)
     try:
         check_port_free(args.host, args.port)
     except OSError as exc:
         return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", 2)
     # SIGHUP reloads the policy files through snapshots in the run's private folder (reload.py).
-    app.extensions["cds_reloader"].serve_from(private_dir)
+    parts.reloader.serve_from(private_dir)
+    settings = parts.runtime.settings
     serve(
         app,
         host=args.host,
         port=args.port,
         workers=args.workers or default_workers(),
         threads=args.threads,
-        log_level=app.config["LOG_LEVEL"],
+        log_level=settings.log_level,
+        hooks=parts.server_hooks,
+        on_hup=parts.reloader.reload,
+        spare_threads=settings.fhir_max_reads,
     )
     return 0
 

@@ -1,10 +1,12 @@
-"""Settings: defaults, then CDS_* environment variables, then the mapping given to create_app (which wins)."""
+"""Settings: defaults, then CDS_* environment variables, then the mapping given to create_app (which wins), checked
+once into a frozen, typed Settings."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
 
 PREFIX = "CDS_"
 
@@ -64,7 +66,7 @@ def as_bool(name: str, value: Any) -> bool:
 
 
 def normalise(settings: dict[str, Any]) -> dict[str, Any]:
-    """Check and convert the settings the service reads; unknown names are kept for extensions."""
+    """Check and convert the settings the service reads (Settings.load keeps only the names it knows)."""
     out = dict(settings)
     auth = str(out["AUTH"]).strip().lower()
     if auth not in ("jwt", "off"):
@@ -129,9 +131,54 @@ def _cors_origins(value: Any) -> list[str]:
     return origins
 
 
-def load(config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    settings = dict(DEFAULTS)
-    settings.update(from_environment(environ))
-    if config:
-        settings.update({k.removeprefix(PREFIX): v for k, v in config.items()})
-    return normalise(settings)
+@dataclass(frozen=True)
+class Settings:
+    """Every setting the service reads, checked and converted once. Field `x_y` is the variable `CDS_X_Y`; the
+    defaults are DEFAULTS above and docs/operators.md describes each one."""
+
+    policy_dir: str | None
+    public_url: str
+    auth: Literal["jwt", "off"]
+    trusted_issuers: str | None  # path of the issuers JSON file
+    cors_origins: tuple[str, ...]
+    database_url: str | None
+    fhir_timeout: float
+    fhir_max_reads: int
+    fhir_breaker_failures: int
+    fhir_breaker_cooldown: float
+    fhir_breaker_window: float
+    allow_http_fhir: bool
+    audit_spill_dir: str | None
+    max_body_bytes: int
+    audit: bool
+    card_id_key: str | None
+    log_level: str
+    log_format: Literal["text", "json"]
+    access_log: bool
+    metrics: bool
+    metrics_token: str | None
+
+    @classmethod
+    def load(cls, config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+        """Defaults, then the CDS_* environment, then `config` (names without the prefix); ConfigError when a value
+        cannot be used."""
+        merged = dict(DEFAULTS)
+        merged.update(from_environment(environ))
+        if config:
+            merged.update({k.removeprefix(PREFIX): v for k, v in config.items()})
+        checked = normalise(merged)
+        return cls(**{f.name: _frozen(checked[f.name.upper()]) for f in fields(cls)})
+
+    def as_config(self) -> dict[str, Any]:
+        """The settings under their CDS_* names without the prefix (what Flask's app.config shows)."""
+        return {
+            name.upper(): list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()
+        }
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def load(config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    return Settings.load(config, environ)

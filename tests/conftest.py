@@ -10,6 +10,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from cds_service import create_app
+from cds_service.runtime import services_of
 from cds_service.store import _open_stores
 
 from .store_support import BACKENDS, temp_database
@@ -66,4 +67,4 @@ def store_app(db_url: str) -> Iterator[Flask]:
     application = create_app({"AUTH": "off", "DATABASE_URL": db_url})
     application.config["TESTING"] = True
     yield application
-    application.extensions["cds_store"].close()
+    services_of(application).store.close()

@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 
 from cds_service import create_app
 from cds_service.audit import CallRecord
+from cds_service.runtime import services_of
 from cds_service.store import Store
 from cds_service.store.models import audit_call
 
@@ -45,7 +46,7 @@ def app(store_app: Flask) -> Flask:
 
 
 def store_of(app: Flask) -> Store:
-    store: Store = app.extensions["cds_store"]
+    store: Store = services_of(app).store
     return store
 
 
@@ -179,7 +180,7 @@ def test_audit_off_stores_no_calls_but_keeps_feedback(db_url: str) -> None:
     feedback = {"feedback": [{"card": "c", "outcome": "overridden", "outcomeTimestamp": "2026-11-02T10:00:00Z"}]}
     assert client.post(f"/cds-services/{SIGN}/feedback", json=feedback).status_code == 200
     assert client.get("/health").get_json()["store"]["audit"] == "off"
-    app.extensions["cds_store"].close()
+    services_of(app).store.close()
     assert calls(db_url) == []
     assert len(rows(db_url, "SELECT * FROM feedback")) == 1
 
@@ -265,7 +266,7 @@ def test_the_callers_identity_is_audited_never_the_token(db_url: str, tmp_path: 
     assert client.post(f"/cds-services/{SIGN}", json=flagged_call(), headers=bearer(signed)).status_code == 200
     expired = token(key, claims(SIGN_URL, now=1_000_000_000))
     assert client.post(f"/cds-services/{SIGN}", json=flagged_call(), headers=bearer(expired)).status_code == 401
-    app.extensions["cds_store"].close()
+    services_of(app).store.close()
     ok, refused = calls(db_url)
     assert (ok.iss, ok.tenant, ok.jti, ok.status) == (EHR, "clinic-7", payload["jti"], 200)
     assert refused.status == 401 and refused.error.startswith("authentication failed") and refused.iss == EHR
@@ -289,4 +290,4 @@ def test_a_hanging_database_does_not_hang_health_or_ready(backend: str) -> None:
         assert "did not answer" in health.get_json()["store"]["error"]
         ready = client.get("/ready")
         assert ready.status_code == 503 and "did not answer" in ready.get_json()["issue"][0]["diagnostics"]
-        app.extensions["cds_store"].writer.close(timeout=0.1)
+        services_of(app).store.writer.close(timeout=0.1)

@@ -16,6 +16,8 @@ from flask import Flask
 
 from cds_service import cli, create_app
 from cds_service.audit import CallRecord
+from cds_service.config import Settings
+from cds_service.runtime import services_of
 from cds_service.store import Store, open_store
 from cds_service.store import spill as spill_module
 from cds_service.store.models import audit_call, audit_card
@@ -30,7 +32,9 @@ def spill_files(folder: Path) -> list[Path]:
 
 
 def store_on(url: str, folder: Path) -> Store:
-    return open_store({"DATABASE_URL": url, "AUDIT": True, "AUDIT_SPILL_DIR": str(folder)}, "/nonexistent")
+    return open_store(
+        Settings.load({"DATABASE_URL": url, "AUDIT": True, "AUDIT_SPILL_DIR": str(folder)}), "/nonexistent"
+    )
 
 
 def hook_instances(url: str) -> list[str]:
@@ -50,7 +54,7 @@ def test_records_the_database_never_took_are_spilled_at_close_and_written_once_o
             body = flagged_call()
             sent.append(body["hookInstance"])
             assert client.post(f"/cds-services/{SIGN}", json=body).status_code == 200
-        writer = app.extensions["cds_store"].writer
+        writer = services_of(app).store.writer
         wait_for(lambda: writer.stats()["failedWrites"] >= 1, what="a failed audit write")
         writer.close(timeout=0.5)
         [path] = spill_files(folder)
@@ -154,7 +158,8 @@ def test_a_file_another_process_is_still_writing_is_left_alone(tmp_path: Path, d
 
 
 def test_health_says_spill_files_are_waiting(tmp_path: Path, store_app: Flask) -> None:
-    folder = Path(store_app.extensions["cds_store"].spill_dir)
+    folder = services_of(store_app).store.spill_dir
+    assert folder is not None
     spill(folder, [("call-1", CallRecord(service_id=SIGN))])
     body = store_app.test_client().get("/health").get_json()
     assert body["store"]["spillFiles"] == 1

@@ -31,6 +31,7 @@ from cds_service.auth.tokens import (
     parse_jwks,
 )
 from cds_service.config import ConfigError
+from cds_service.runtime import services_of
 from cds_service.store.jti import MemoryJtiStore
 
 from .builders import hook_request, service_request
@@ -115,7 +116,7 @@ def client(make_client: AppFactory, es: Key, rs: Key, tenant_key: Key) -> FlaskC
 
 
 def authenticator(client: FlaskClient) -> Authenticator:
-    auth = client.application.extensions["cds"].authenticator
+    auth = services_of(client.application).runtime.authenticator
     assert isinstance(auth, Authenticator)
     return auth
 

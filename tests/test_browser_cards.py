@@ -21,6 +21,7 @@ from flask import Flask
 
 from cds_service import create_app
 from cds_service.engine import load_policies
+from cds_service.runtime import services_of
 
 from . import builders as b
 from .chromium_support import HEADLESS
@@ -143,7 +144,7 @@ def shown(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, dict[str,
     try:
         all_cards = cards(app)
     finally:
-        app.extensions["cds_store"].close()
+        services_of(app).store.close()
     reports = in_chromium(render_as_the_sandbox([card["detail"] for _, card in all_cards]), folder)
     return [(name, card, report) for (name, card), report in zip(all_cards, reports, strict=True)]
 

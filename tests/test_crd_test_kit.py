@@ -23,6 +23,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from cds_service import create_app
+from cds_service.runtime import services_of
 
 from .conftest import ROOT
 from .fhir_server import fhir_server
@@ -82,7 +83,7 @@ def exchanges(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Exchang
             response = client.post(f"/cds-services/{service}", json=body)
             out.append(Exchange(path.name, body, response.status_code, response.get_json()))
     yield out
-    app.extensions["cds_store"].close()
+    services_of(app).store.close()
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def discovery(exchanges: list[Exchange], tmp_path_factory: pytest.TempPathFactor
     app = create_app({"AUTH": "off", "DATABASE_URL": f"sqlite:///{tmp_path_factory.mktemp('d') / 'd.db'}"})
     client: FlaskClient = app.test_client()
     response = client.get("/cds-services", headers={"Accept": "application/json"})
-    app.extensions["cds_store"].close()
+    services_of(app).store.close()
     # crd_v201_discovery_endpoint_test: 200 and a JSON body.
     assert response.status_code == 200
     return json.loads(response.data)

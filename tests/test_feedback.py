@@ -13,6 +13,7 @@ from flask.testing import FlaskClient
 
 from cds_service import create_app
 from cds_service.errors import BadRequest
+from cds_service.runtime import services_of
 from cds_service.store.models import feedback
 from cds_service.web.feedback import parse_feedback
 
@@ -175,7 +176,7 @@ def test_a_good_body_is_read() -> None:
 
 
 def test_a_bad_body_gets_400_with_an_operation_outcome(app: Flask, client: FlaskClient, db_url: str) -> None:
-    app.extensions["cds_store"].upgrade()
+    services_of(app).store.upgrade()
     for body in ({"feedback": [{"card": "c", "outcome": "maybe", "outcomeTimestamp": WHEN}]}, b"not json"):
         if isinstance(body, bytes):
             response = client.post(f"/cds-services/{SIGN}/feedback", data=body, content_type="application/json")
@@ -229,7 +230,7 @@ def test_unknown_cards_are_stored_and_flagged(client: FlaskClient, db_url: str) 
 
 def test_the_card_answered_a_moment_ago_is_linked(client: FlaskClient, app: Flask, db_url: str) -> None:
     # The card's audit record may still be queued when its feedback arrives: the endpoint writes it first.
-    app.extensions["cds_store"].writer.batch_window = 30.0
+    services_of(app).store.writer.batch_window = 30.0
     card = shown_card(client)
     response = client.post(f"/cds-services/{SIGN}/feedback", json={"feedback": [overridden(card["uuid"])]})
     assert response.get_json()["unknownCards"] == []
@@ -252,4 +253,4 @@ def test_feedback_needs_a_jwt_for_its_own_url(db_url: str, tmp_path: Path) -> No
     assert client.post(url, json=body, headers=bearer(token(key, claims(SIGN_URL)))).status_code == 401
     assert client.post(url, json=body).status_code == 401
     assert len(table_rows(db_url, feedback)) == 1
-    app.extensions["cds_store"].close()
+    services_of(app).store.close()

@@ -17,6 +17,7 @@ from flask import Flask
 from cds_service import create_app
 from cds_service.fhir.breaker import CLOSED, HALF_OPEN, OPEN, BreakerBoard, BreakerSettings, server_key
 from cds_service.fhir.client import FetchError, FhirReader, FhirSettings
+from cds_service.runtime import services_of
 from cds_service.store.models import audit_call
 
 from . import builders as b
@@ -53,7 +54,7 @@ def sign(app: Flask, base: str) -> tuple[float, dict[str, Any]]:
 
 
 def audit_notes(app: Flask, tmp_path: Path) -> list[list[str]]:
-    assert app.extensions["cds_store"].writer.flush(10)
+    assert services_of(app).store.writer.flush(10)
     return [row.notes for row in table_rows(f"sqlite:///{tmp_path / 'reads.sqlite3'}", audit_call)]
 
 

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from cds_service.runtime import services_of
+
 from . import builders as b
 from .conftest import SELECT, SIGN
 
@@ -342,7 +344,8 @@ def test_odd_shapes_inside_a_flagged_order_never_fail(client: FlaskClient, field
 
 def test_refused_and_oversized_calls_are_audited(app: Any, client: FlaskClient) -> None:
     seen = []
-    app.extensions["cds"].audit = type("Sink", (), {"record": lambda self, call: seen.append(call)})()
+    parts = services_of(app)
+    parts.runtime = parts.runtime.with_audit(type("Sink", (), {"record": lambda self, call: seen.append(call)})())
     post(client, SIGN, {"hook": "order-sign"})
     client.post(f"/cds-services/{SIGN}", data=b"x" * (5 * 1024 * 1024 + 1), content_type="application/json")
     post(client, SIGN, valid())

@@ -108,3 +108,24 @@ def test_no_module_or_function_is_too_long_to_read_at_once() -> None:
                         too_long.append(f"{rel}: {node.name}() is {length} lines")
     assert not too_long, "\n".join(too_long)
     assert excused_and_needed == LONG_FUNCTIONS, f"no longer needed: {LONG_FUNCTIONS - excused_and_needed}"
+
+
+def test_the_app_holds_its_parts_under_one_typed_accessor() -> None:
+    """`app.extensions` is touched only by runtime.services_of/attach: every other module reads typed Services."""
+    users = [
+        path.relative_to(ROOT).as_posix()
+        for path in PACKAGE.rglob("*.py")
+        if ".extensions[" in path.read_text(encoding="utf-8") or ".extensions.get(" in path.read_text(encoding="utf-8")
+    ]
+    assert users == ["cds_service/runtime.py"]
+
+
+def test_every_setting_is_documented_for_operators() -> None:
+    from dataclasses import fields
+
+    from cds_service.config import DEFAULTS, Settings
+
+    names = {f.name.upper() for f in fields(Settings)}
+    assert names == set(DEFAULTS)
+    documented = (ROOT / "docs" / "operators.md").read_text(encoding="utf-8")
+    assert not [n for n in sorted(names) if f"`CDS_{n}`" not in documented]

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cds_service import create_app
 from cds_service.ops import metrics
 from cds_service.ops.metrics import REFUSAL_LABELS, refusal_label
+from cds_service.runtime import services_of
 
 from . import builders as b
 from .conftest import ROOT, SELECT, SIGN
@@ -77,7 +78,7 @@ def test_a_scrape_counts_known_calls_and_feedback_exactly(metered: Flask) -> Non
     assert client.post(f"/cds-services/{SIGN}/feedback", json={"feedback": items}).status_code == 200
     # The same items again are duplicates: stored once, counted once.
     assert client.post(f"/cds-services/{SIGN}/feedback", json={"feedback": items}).status_code == 200
-    assert metered.extensions["cds_store"].writer.flush(10)
+    assert services_of(metered).store.writer.flush(10)
 
     s = scrape(client)
     calls = "cds_calls_total"
@@ -100,7 +101,7 @@ def test_a_scrape_counts_known_calls_and_feedback_exactly(metered: Flask) -> Non
     assert value(s, "cds_audit_records_total", state="failed") == 0
     assert value(s, "cds_audit_queue_depth") == 0
     [info] = [dict(labels) for (name, labels), v in s.items() if name == "cds_policy_info" and v == 1]
-    policy = metered.extensions["cds"].policies.policies[0]
+    policy = services_of(metered).runtime.policies.policies[0]
     assert info == {"policy": policy.id, "version": policy.version, "sha256": policy.sha256}
     assert value(s, "cds_policy_last_reload_ok") == 1
     assert value(s, "cds_policy_load_duration_seconds") > 0

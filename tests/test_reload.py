@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from cds_service import create_app
+from cds_service.runtime import services_of
 
 from .conftest import ROOT, SIGN
 from .store_support import flagged_call
@@ -21,12 +22,12 @@ def test_a_valid_change_switches_policies_services_and_discovery_together(tmp_pa
     shutil.copyfile(ROOT / "cards" / FILE, folder / FILE)
     app = create_app({"AUTH": "off", "DATABASE_URL": f"sqlite:///{tmp_path / 'c.sqlite3'}", "POLICY_DIR": folder})
     client = app.test_client()
-    before = app.extensions["cds"]
+    before = services_of(app).runtime
     text = (folder / FILE).read_text()
     (folder / FILE).write_text(text.replace('version: "2026.11.0"', 'version: "2026.12.0"', 1))
 
-    assert app.extensions["cds_reloader"].reload() is True
-    after = app.extensions["cds"]
+    assert services_of(app).reloader.reload() is True
+    after = services_of(app).runtime
     assert after is not before and after.policies is not before.policies
     assert after.audit is before.audit and after.authenticator is before.authenticator  # shared parts stay
     assert before.policies.policies[0].version == "2026.11.0"  # a call in flight keeps what it started with
@@ -49,11 +50,11 @@ def test_an_invalid_change_keeps_the_running_policy(tmp_path: Path) -> None:
     shutil.copyfile(ROOT / "cards" / FILE, folder / FILE)
     app = create_app({"AUTH": "off", "DATABASE_URL": f"sqlite:///{tmp_path / 'c.sqlite3'}", "POLICY_DIR": folder})
     client = app.test_client()
-    running = app.extensions["cds"]
+    running = services_of(app).runtime
     (folder / "second.yaml").write_text("policy:\n  id: second\n  bogus: [\n")
 
-    assert app.extensions["cds_reloader"].reload() is False
-    assert app.extensions["cds"] is running
+    assert services_of(app).reloader.reload() is False
+    assert services_of(app).runtime is running
     last = client.get("/health").get_json()["lastReload"]
     assert last["ok"] is False and f"{folder / 'second.yaml'}" in last["error"] and "line" in last["error"]
     assert client.post(f"/cds-services/{SIGN}", json=flagged_call()).status_code == 200

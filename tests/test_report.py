@@ -13,6 +13,7 @@ import pytest
 from cds_service import create_app
 from cds_service.audit import CallRecord, Identity
 from cds_service.cli import main
+from cds_service.runtime import services_of
 from cds_service.store import Store
 from cds_service.store.report import build_report, percentile, render_text
 from cds_service.web.feedback import parse_feedback
@@ -336,7 +337,7 @@ def test_end_to_end_through_the_hooks_and_the_feedback_endpoint(db_url: str) -> 
         },
     ]
     assert client.post(f"/cds-services/{SIGN}/feedback", json={"feedback": items}).status_code == 200
-    store = app.extensions["cds_store"]
+    store = services_of(app).store
     report = build_report(store.db)
     assert report["calls"]["byHook"] == [
         {"hook": "order-sign", "service": SIGN, "calls": 4, "answered": 3, "errors": 1}

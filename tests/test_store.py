@@ -16,6 +16,7 @@ from cds_service import create_app
 from cds_service.audit import CallRecord
 from cds_service.cli import main
 from cds_service.config import ConfigError
+from cds_service.runtime import services_of
 from cds_service.store import SchemaTooNew
 from cds_service.store.db import database_url
 from cds_service.store.maintenance import parse_age
@@ -53,7 +54,7 @@ def test_a_newer_schema_stops_start_up(db_url: str, tmp_path: Path, monkeypatch:
 
     app = create_app({"AUTH": "off", "DATABASE_URL": db_url})
     with pytest.raises(SchemaTooNew, match=r"'9999_future'.*newer release"):
-        app.extensions["cds_prepare_serve"]()
+        services_of(app).store.prepare_serve()
     # The real command: exits before starting gunicorn, saying why.
     env = {"CDS_AUTH": "off", "CDS_DATABASE_URL": db_url, "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
@@ -77,7 +78,7 @@ def test_a_newer_schema_stops_start_up(db_url: str, tmp_path: Path, monkeypatch:
 def test_serve_stops_when_the_database_is_unreachable(backend: str, tmp_path: Path) -> None:
     app = create_app({"AUTH": "off", "DATABASE_URL": unreachable_url(backend, tmp_path)})
     with pytest.raises(RuntimeError, match="cannot reach the database"):
-        app.extensions["cds_prepare_serve"]()
+        services_of(app).store.prepare_serve()
 
 
 def test_database_urls(tmp_path: Path) -> None:
@@ -96,7 +97,7 @@ def test_database_urls(tmp_path: Path) -> None:
 def test_create_app_defaults_to_sqlite_in_the_instance_folder() -> None:
     # Only builds the URL (the instance folder is created; nothing connects until first use).
     app = create_app({"AUTH": "off"})
-    store = app.extensions["cds_store"]
+    store = services_of(app).store
     assert store.db.url.database == str(Path(app.instance_path) / "cds.sqlite3")
 
 
@@ -218,4 +219,4 @@ def test_a_token_replayed_to_another_instance_is_refused(db_url: str, tmp_path: 
     fresh = bearer(token(key, claims(SIGN_URL)))
     assert second.test_client().post("/cds-services/dsv-order-sign", json=body, headers=fresh).status_code == 200
     for app in (first, second):
-        app.extensions["cds_store"].close()
+        services_of(app).store.close()

@@ -532,9 +532,8 @@ def _bearer_token(authorization: str | None) -> str:
     return token
 
 
-def build_authenticator(settings: dict[str, Any], jti_store: JtiStore) -> Authenticator:
-    """The authenticator for CDS_AUTH=jwt, trusting the issuers in the CDS_TRUSTED_ISSUERS file."""
-    path = settings.get("TRUSTED_ISSUERS")
+def build_authenticator(path: str | None, jti_store: JtiStore) -> Authenticator:
+    """The authenticator for CDS_AUTH=jwt, trusting the issuers in the CDS_TRUSTED_ISSUERS file (`path`)."""
     if not path:
         # Fail closed rather than refuse to start: the service answers discovery and /health, and 401 to every call.
         log.warning("CDS_AUTH=jwt without CDS_TRUSTED_ISSUERS: no client is trusted, every service call gets 401")

@@ -2,6 +2,7 @@
 
 from .crd import CoverageResult
 from .decision import Verdict, judge
+from .discovery import discovery_entries
 from .errors import InvalidRequest
 from .explain import describe, explain_lines
 from .hook import Assessment, assess, respond
@@ -27,6 +28,7 @@ __all__ = [
     "assess",
     "check_policies",
     "describe",
+    "discovery_entries",
     "explain_lines",
     "judge",
     "load_policies",

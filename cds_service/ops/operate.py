@@ -8,14 +8,18 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, request
 
 from ..audit import AuditSink, CallRecord
+from ..config import Settings
 from ..errors import ServiceError
 from . import logs, metrics
 from .reload import PolicyReloader
+
+if TYPE_CHECKING:
+    from ..runtime import Services
 
 log = logging.getLogger(__name__)
 
@@ -35,37 +39,37 @@ class ObservedAudit:
         self.inner.record(call)
 
 
-def install(app: Flask, settings: dict[str, Any], started: float) -> None:
-    """Called by create_app once the runtime exists."""
-    rt = app.extensions["cds"]
-    m = metrics.Metrics() if settings["METRICS"] else None
-    metrics.install(m)
-    rt.audit = ObservedAudit(rt.audit)
-
-    reloader = PolicyReloader(app, settings["POLICY_DIR"])
-    app.extensions["cds_reloader"] = reloader
-    store_health = rt.health
-    rt.health = lambda: {**store_health(), **reloader.health()}
+def install(app: Flask, parts: Services, started: float) -> None:
+    """Called by create_app once the Services exist: the reloader, /metrics, JSON log context, server hooks."""
+    settings = parts.runtime.settings
+    m = metrics.current()
+    parts.reloader = reloader = PolicyReloader(parts, settings.policy_dir)
     if m is not None:
         m.last_reload_ok.set(1)
     reloader.loaded(time.monotonic() - started)
 
     if m is not None:
-        _install_metrics_endpoint(app, m, settings["METRICS_TOKEN"])
-    if settings["LOG_FORMAT"] == "json":
-        _install_call_context(app)
+        _install_metrics_endpoint(app, m, settings.metrics_token)
+    if settings.log_format == "json":
+        _install_call_context(app, parts)
 
     hooks: dict[str, Any] = {
         "post_fork": lambda _server, _worker: m.after_fork() if m is not None else None,
         "post_worker_init": lambda _worker: reloader.start_watching(),
         "child_exit": lambda _server, worker: metrics.mark_process_dead(worker.pid),
     }
-    options = combine_hooks(app.extensions.get("cds_server_hooks", {}), hooks)
-    if settings["LOG_FORMAT"] == "json":
+    options = combine_hooks(parts.store.server_hooks(), hooks)
+    if settings.log_format == "json":
         options["logger_class"] = logs.GunicornJsonLogger
-    if settings["ACCESS_LOG"]:
+    if settings.access_log:
         options["accesslog"] = "-"
-    app.extensions["cds_server_hooks"] = options
+    parts.server_hooks = options
+
+
+def observed(settings: Settings) -> Callable[[AuditSink], AuditSink]:
+    """Turn the metrics on or off for this process and wrap the audit sink so every record feeds them."""
+    metrics.install(metrics.Metrics() if settings.metrics else None)
+    return ObservedAudit
 
 
 def combine_hooks(*sources: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +121,7 @@ def _install_metrics_endpoint(app: Flask, m: metrics.Metrics, token: str | None)
     app.add_url_rule("/metrics", "metrics", scrape, methods=["GET"])
 
 
-def _install_call_context(app: Flask) -> None:
+def _install_call_context(app: Flask, parts: Services) -> None:
     """JSON logs: lines logged while a call is answered carry its service, hookInstance and status."""
 
     @app.before_request
@@ -125,7 +129,7 @@ def _install_call_context(app: Flask) -> None:
         if request.method != "POST" or request.endpoint not in CALL_ENDPOINTS:  # not a CORS preflight
             return
         service_id = (request.view_args or {}).get("service_id")
-        known = service_id in app.extensions["cds"].policies.services
+        known = service_id in parts.runtime.policies.services
         context, token = logs.begin_call(service_id if known else None)
         request.environ[logs.ENVIRON_KEY] = context
         request.environ["cds.call_token"] = token
@@ -145,7 +149,7 @@ def _install_call_context(app: Flask) -> None:
 
 
 @contextmanager
-def serving(settings: dict[str, Any]) -> Iterator[str]:
+def serving(settings: Settings) -> Iterator[str]:
     """`serve`: a private folder for the run (metrics files, policy snapshots), removed by the process that made it.
 
     gunicorn's workers leave through sys.exit inside this block; they must not remove what the master still uses.
@@ -153,7 +157,7 @@ def serving(settings: dict[str, Any]) -> Iterator[str]:
     folder = metrics.private_dir()
     owner = os.getpid()
     try:
-        if settings["METRICS"]:
+        if settings.metrics:
             metrics.prepare_multiprocess_dir(folder)
         yield folder
     finally:

@@ -10,7 +10,6 @@ swaps too, so a worker it forks later (after a crash) starts on the new policies
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -27,9 +26,7 @@ from . import metrics
 from .logs import now_iso
 
 if TYPE_CHECKING:
-    from flask import Flask
-
-    from ..runtime import Runtime
+    from ..runtime import Runtime, Services
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +46,8 @@ def _names(policies: PolicySet) -> str:
 class PolicyReloader:
     """Owns the switch from one set of policy files to the next, in the master and in each worker."""
 
-    def __init__(self, app: Flask, folder: str | None) -> None:
-        self.app = app
+    def __init__(self, parts: Services, folder: str | None) -> None:
+        self.parts = parts
         self.folder = Path(folder) if folder else packaged_policy_dir()
         self.state_dir: Path | None = None  # set by `serve`: where snapshots and the state file live
         self.generation = 0
@@ -62,7 +59,7 @@ class PolicyReloader:
 
     @property
     def runtime(self) -> Runtime:
-        return self.app.extensions["cds"]  # type: ignore[no-any-return]
+        return self.parts.runtime
 
     # -- what /health shows -----------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -82,11 +79,7 @@ class PolicyReloader:
     # -- the switch -------------------------------------------------------------------------------------------------
     def swap(self, policies: PolicySet) -> None:
         """Policies, services and discovery change together: one new Runtime, put in place in one assignment."""
-        from ..web.views import discovery_document
-
-        fresh = dataclasses.replace(self.runtime, policies=policies)
-        fresh.discovery = discovery_document(fresh)
-        self.app.extensions["cds"] = fresh
+        self.parts.runtime = self.runtime.with_policies(policies)
 
     def reload(self) -> bool:
         """Check the policy files; when they are valid, switch to them. The master's SIGHUP, or in-process."""

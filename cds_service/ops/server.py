@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
@@ -52,9 +53,10 @@ def worker_class(spare_threads: int) -> type[CallThreadWorker]:
 class Server(BaseApplication):  # type: ignore[misc]
     """gunicorn running an app built before forking, so a broken policy file stops start-up in the foreground."""
 
-    def __init__(self, app: Flask, options: dict[str, Any]) -> None:
+    def __init__(self, app: Flask, options: dict[str, Any], on_hup: Callable[[], object] | None = None) -> None:
         self.application = app
         self.options = options
+        self.on_hup = on_hup
         super().__init__()
 
     def load_config(self) -> None:
@@ -77,15 +79,29 @@ class _Arbiter(Arbiter):  # type: ignore[misc]
     restarting them: with reuse_port a worker's listening socket, and the connections queued on it, go with it."""
 
     def handle_hup(self) -> None:
-        reload = self.app.application.extensions.get("cds_reloader")
-        if reload is None:
+        on_hup = self.app.on_hup
+        if on_hup is None:
             super().handle_hup()
             return
         self.log.info("SIGHUP: checking the policy files for a reload (workers keep running)")
-        reload.reload()
+        on_hup()
 
 
-def serve(app: Flask, *, host: str, port: int, workers: int, threads: int, log_level: str) -> None:
+def serve(
+    app: Flask,
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    threads: int,
+    log_level: str,
+    hooks: dict[str, Any] | None = None,
+    on_hup: Callable[[], object] | None = None,
+    spare_threads: int = CallThreadWorker.spare_threads,
+) -> None:
+    """Serve `app` with gunicorn until SIGTERM/SIGINT; `hooks` are gunicorn server hooks and options the app's parts
+    contribute, `on_hup` replaces gunicorn's SIGHUP restart (the service reloads its policies instead);
+    `spare_threads` stand in for calls waiting on a FHIR server (CDS_FHIR_MAX_READS)."""
     options: dict[str, Any] = {
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "workers": workers,
@@ -96,7 +112,7 @@ def serve(app: Flask, *, host: str, port: int, workers: int, threads: int, log_l
         # aside and a spare thread serves the next call: up to CDS_FHIR_MAX_READS of them, as many as the reads
         # the worker lets run at once (with 2 fixed threads, 2 slow reads on one worker stalled its other calls
         # for seconds: bench/slow_fhir.py).
-        "worker_class": worker_class(int(app.config.get("FHIR_MAX_READS", CallThreadWorker.spare_threads))),
+        "worker_class": worker_class(spare_threads),
         "threads": threads,
         # One listening socket per worker (SO_REUSEPORT) so the kernel spreads connections over the workers. With
         # the shared socket, the worker that wins accept() keeps every keep-alive connection it took: measured,
@@ -116,9 +132,8 @@ def serve(app: Flask, *, host: str, port: int, workers: int, threads: int, log_l
         "limit_request_line": 8190,
         "limit_request_fields": 100,
     }
-    hooks = app.extensions.get("cds_server_hooks", {})
-    options.update(hooks)
+    options.update(hooks or {})
     # Everything built so far (policies, compiled patterns, FHIR models) lives as long as the process: move it out
     # of the garbage collector's sight, so workers neither scan it (long gen-2 pauses) nor copy it on write.
     gc.freeze()
-    Server(app, options).run()
+    Server(app, options, on_hup).run()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..audit import AuditSink, Identity, NullAudit
+from ..config import Settings
 from ..ops import metrics
 from . import spill
 from .audit_writer import AuditWriter, write_batch
@@ -195,12 +196,12 @@ class Store:
         self.db.dispose()
 
 
-def open_store(settings: dict[str, Any], instance_path: str | os.PathLike[str]) -> Store:
+def open_store(settings: Settings, instance_path: str | os.PathLike[str]) -> Store:
     """The Store for the settings (CDS_DATABASE_URL, CDS_AUDIT, CDS_AUDIT_SPILL_DIR); connects lazily."""
     known_revisions()  # read the migration scripts now, once, rather than on a hook's first audit write
-    spill_dir = Path(settings.get("AUDIT_SPILL_DIR") or Path(instance_path) / "audit-spill")
-    db = Database(database_url(settings.get("DATABASE_URL"), instance_path))
-    return Store(db, audit=settings["AUDIT"], spill_dir=spill_dir, card_id_key=settings.get("CARD_ID_KEY") or None)
+    spill_dir = Path(settings.audit_spill_dir or Path(instance_path) / "audit-spill")
+    db = Database(database_url(settings.database_url, instance_path))
+    return Store(db, audit=settings.audit, spill_dir=spill_dir, card_id_key=settings.card_id_key or None)
 
 
 @atexit.register

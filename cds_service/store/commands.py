@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as config_module
+from ..config import Settings
 from . import Store, open_store
 from .db import SchemaTooNew, StoreUnavailable, safe_url
 from .maintenance import parse_age, purge
@@ -73,12 +74,12 @@ def cmd_audit_purge(args: argparse.Namespace) -> int:
     return 0
 
 
-def reason_displays(settings: dict[str, Any]) -> dict[tuple[str, str], str]:
+def reason_displays(settings: Settings) -> dict[tuple[str, str], str]:
     """Override reasons' displays by (system, code), from the policies the service uses; none if they do not load."""
     from ..engine import PolicyError, load_policies
 
     try:
-        policies = load_policies(settings["POLICY_DIR"])
+        policies = load_policies(settings.policy_dir)
     except (PolicyError, OSError) as exc:
         _say(f"cds-service: override reasons are shown by code only; the policies did not load: {exc}", error=True)
         return {}

@@ -12,12 +12,14 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from .. import config as config_module
+from ..config import Settings
 from ..errors import ServiceError, issue_type, operation_outcome
 from ..ops.operate import install as install_operations
-from ..runtime import build_runtime
+from ..ops.operate import observed
+from ..runtime import Services, attach, build_runtime
 from ..store import open_store
 from .feedback_views import bp as feedback_bp
-from .views import bp, discovery_document, json_response
+from .views import bp, json_response
 
 log = logging.getLogger(__name__)
 
@@ -28,26 +30,22 @@ _NO_STORE_PREFIX = "/cds-services/"
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app. `config` takes the CDS_* setting names without the prefix and wins over the environment."""
     started = time.monotonic()
-    settings = config_module.load(config)
+    settings = Settings.load(config)
     app = Flask(config_module.FLASK_IMPORT_NAME, root_path=str(Path(__file__).parent), instance_relative_config=True)
-    app.config.update(settings)
-    app.config["MAX_CONTENT_LENGTH"] = settings["MAX_BODY_BYTES"]
+    app.config.update(settings.as_config())  # read-only view for Flask extensions; the code reads `settings`
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
     # The database (audit log, feedback, jti store): nothing connects until first use, in the process using it.
     store = open_store(settings, app.instance_path)
-    rt = build_runtime(settings, store=store)
-    rt.discovery = discovery_document(rt)
-    app.extensions["cds"] = rt
-    app.extensions["cds_store"] = store
-    app.extensions["cds_server_hooks"] = store.server_hooks()
-    app.extensions["cds_prepare_serve"] = store.prepare_serve
+    parts = Services(runtime=build_runtime(settings, store=store, observe=observed(settings)), store=store)
+    attach(app, parts)
 
     app.register_blueprint(bp)
     app.register_blueprint(feedback_bp)
     # /metrics, JSON log context, live policy reload and the /health fields they add (operate.py).
-    install_operations(app, settings, started)
-    _install_cors(app, settings["CORS_ORIGINS"])
+    install_operations(app, parts, started)
+    _install_cors(app, settings.cors_origins)
     _install_errors(app)
     app.after_request(_security_headers)
     return app
@@ -64,7 +62,7 @@ def _security_headers(response: Response) -> Response:
     return response
 
 
-def _install_cors(app: Flask, origins: list[str]) -> None:
+def _install_cors(app: Flask, origins: tuple[str, ...]) -> None:
     """CORS for browser clients (the CDS Hooks sandbox): listed origins only, errors included, no credentials.
 
     CDS Hooks authenticates with a bearer JWT, not cookies, so Allow-Credentials is never sent; that is what makes

@@ -8,6 +8,7 @@ from flask import Blueprint, Response, current_app
 
 from ..errors import ServiceError, operation_outcome
 from ..ops import metrics
+from ..runtime import services_of
 from ..store import SchemaTooNew, Store, StoreUnavailable
 from .feedback import parse_feedback
 from .views import authenticate, json_response, read_json, runtime
@@ -17,8 +18,7 @@ bp = Blueprint("cds_feedback", __name__)
 
 
 def store() -> Store:
-    st: Store = current_app.extensions["cds_store"]
-    return st
+    return services_of(current_app).store
 
 
 @bp.post("/cds-services/<service_id>/feedback")

@@ -13,18 +13,17 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from ..audit import CallRecord, Identity
 from ..auth.tokens import AuthError
 from ..calls import answer
-from ..engine import InvalidRequest, crd, parse_hook_request, parse_json
+from ..engine import InvalidRequest, parse_hook_request, parse_json
 from ..errors import BadRequest, ServiceError
 from ..ops import metrics
-from ..runtime import Runtime
+from ..runtime import Runtime, services_of
 
 log = logging.getLogger(__name__)
 bp = Blueprint("cds", __name__)
 
 
 def runtime() -> Runtime:
-    rt: Runtime = current_app.extensions["cds"]
-    return rt
+    return services_of(current_app).runtime
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -150,29 +149,11 @@ def _audit_failure(rt: Runtime, record: CallRecord, started: float, status: int,
 
 @bp.get("/health")
 def health() -> Response:
-    rt = runtime()
+    parts = services_of(current_app)
+    rt = parts.runtime
     body: dict[str, Any] = {"status": "ok"}
-    store = rt.health()
-    if store:
-        body.update(store)
+    body.update(parts.health())
     # This worker's FHIR reads and circuit breakers (each worker keeps its own): a client's failing FHIR server
     # degrades its calls (no Coverage read), not this service's health, so the status stays as it is.
     body.update(rt.coverage.reader.health())
     return json_response(body)
-
-
-def discovery_document(rt: Runtime) -> list[dict[str, Any]]:
-    """The discovery entries, built once at start-up from the policy files."""
-    services = []
-    for service in rt.policies.services.values():
-        services.append(
-            {
-                "hook": service.hook,
-                "id": service.id,
-                "title": service.title,
-                "description": service.description,
-                "prefetch": {name: key.query for name, key in service.prefetch.items()},
-                "extension": crd.service_extension(service),
-            }
-        )
-    return services
