@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .engine import Outcome
 
 
 @dataclass
@@ -28,6 +31,19 @@ class CallRecord:
     status: int = 200
     error: str | None = None
     duration_ms: float = 0.0
+
+    def answered(self, outcome: Outcome) -> None:
+        """What the clinician was told: each judged order's verdict and rule, the cards, the CRD actions."""
+        self.orders = outcome.verdict_records()
+        self.cards = [card.summary() for card in outcome.cards]
+        self.system_actions = [action.summary() for action in outcome.system_actions]
+        self.coverage_assertions = outcome.coverage_assertions
+        self.notes = outcome.notes
+
+    def failed(self, status: int, reason: str) -> None:
+        """A refused or failed call: its status and why (a reason set earlier, such as a 401's, is kept)."""
+        self.status = status
+        self.error = self.error or reason
 
 
 @dataclass(frozen=True)

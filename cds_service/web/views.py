@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
@@ -13,7 +15,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from ..audit import CallRecord, Identity
 from ..auth.tokens import AuthError
 from ..calls import answer
-from ..engine import InvalidRequest, parse_hook_request, parse_json
+from ..engine import HookRequest, InvalidRequest, Service, parse_hook_request, parse_json
 from ..errors import BadRequest, ServiceError
 from ..ops import metrics
 from ..runtime import Runtime, services_of
@@ -103,48 +105,46 @@ def discovery() -> Response:
 @bp.post("/cds-services/<service_id>")
 def call_service(service_id: str) -> Response:
     rt = runtime()
-    started = time.perf_counter()
     service = rt.policies.services.get(service_id)
     if service is None:
         raise ServiceError(404, f"No CDS service with id '{service_id[:64]}'; see GET /cds-services.")
-    record = CallRecord(service_id=service_id, hook=service.hook)
-    try:
+    with audited(rt, CallRecord(service_id=service_id, hook=service.hook)) as record:
         authenticate(rt, f"/cds-services/{service_id}", record)
-        body = read_json()
-        try:
-            hook_request = parse_hook_request(body, service)
-        except InvalidRequest as exc:
-            raise BadRequest(exc.message, expression=exc.expression) from None
+        hook_request = parse_or_400(read_json(), service)
         record.hook_instance = hook_request.hook_instance
         record.user_id = hook_request.user_id
         record.patient_id = hook_request.patient_id
         outcome = answer(hook_request, service, rt.coverage, new_uuid=lambda: rt.card_id(service_id))
+        record.answered(outcome)
+        return json_response(outcome.response())
+
+
+def parse_or_400(body: Any, service: Service) -> HookRequest:
+    try:
+        return parse_hook_request(body, service)
+    except InvalidRequest as exc:
+        raise BadRequest(exc.message, expression=exc.expression) from None
+
+
+@contextmanager
+def audited(rt: Runtime, record: CallRecord) -> Iterator[CallRecord]:
+    """Every call leaves one audit record, answered or refused (CRD found-37: every hook invocation and response is
+    logged): a refusal's status and reason (a 401's reason was set by authenticate), or the answer's outcome."""
+    started = time.perf_counter()
+    try:
+        yield record
     except ServiceError as exc:
-        _audit_failure(rt, record, started, exc.status, exc.message)
+        record.failed(exc.status, exc.message)
         raise
     except HTTPException as exc:  # 413 from the body limit
-        _audit_failure(rt, record, started, exc.code or 500, exc.name)
+        record.failed(exc.code or 500, exc.name)
         raise
     except Exception:
-        _audit_failure(rt, record, started, 500, "internal error")
+        record.failed(500, "internal error")
         raise
-    record.orders = outcome.verdict_records()
-    record.cards = [card.summary() for card in outcome.cards]
-    record.system_actions = [action.summary() for action in outcome.system_actions]
-    record.coverage_assertions = outcome.coverage_assertions
-    record.notes = outcome.notes
-    response = json_response(outcome.response())
-    record.duration_ms = (time.perf_counter() - started) * 1000
-    rt.audit.record(record)
-    return response
-
-
-def _audit_failure(rt: Runtime, record: CallRecord, started: float, status: int, reason: str) -> None:
-    """Refused and failed calls are audited too, with the reason (a 401's reason was set by authenticate)."""
-    record.status = status
-    record.error = record.error or reason
-    record.duration_ms = (time.perf_counter() - started) * 1000
-    rt.audit.record(record)
+    finally:
+        record.duration_ms = (time.perf_counter() - started) * 1000
+        rt.audit.record(record)
 
 
 @bp.get("/health")
