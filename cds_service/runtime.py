@@ -12,6 +12,7 @@ from .auth.tokens import Authenticator, JtiStore, MemoryJtiStore, build_authenti
 from .engine.policy import PolicySet, load_policies
 from .fhir.breaker import BreakerSettings
 from .fhir.client import CoverageFinder, FhirReader, FhirSettings
+from .fhir.coverage_cache import CoverageCache
 
 if TYPE_CHECKING:
     from .store import Store
@@ -61,7 +62,7 @@ def build_runtime(settings: dict[str, Any], *, offline: bool = False, store: Sto
     rt = Runtime(
         settings=settings,
         policies=policies,
-        coverage=CoverageFinder(reader),
+        coverage=CoverageFinder(reader, CoverageCache(settings["COVERAGE_CACHE_TTL"])),
         authenticator=build_authenticator(settings, jti_store) if settings["AUTH"] == "jwt" else None,
     )
     if store is not None:

@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from ..audit import CallRecord
 from ..auth.tokens import AuthError, Identity
 from ..calls import answer
-from ..engine import InvalidRequest, crd, parse_hook_request, parse_json
+from ..engine import InvalidRequest, crd, parse_hook_request, parse_json, referenced
 from ..ops import metrics
 from ..runtime import Runtime
 from .errors import BadRequest, ServiceError
@@ -171,7 +171,8 @@ def discovery_document(rt: Runtime) -> list[dict[str, Any]]:
                 "id": service.id,
                 "title": service.title,
                 "description": service.description,
-                "prefetch": {name: key.query for name, key in service.prefetch.items()},
+                "prefetch": {name: key.query for name, key in service.prefetch.items()}
+                | referenced.HOOK_PREFETCH.get(service.hook, {}),
                 "extension": crd.service_extension(service),
             }
         )
