@@ -295,8 +295,10 @@ def coverage_update(
     if not unique or set(unique) <= held:
         return None
     assertion_id = uuid.uuid4().hex
+    # Replaced: an earlier assertion about a Coverage asserted again, and an earlier "no Coverage could be named"
+    # (any new answer supersedes it); kept: other extensions, and assertions about other Coverages.
     coverages = {key[0] for key in unique}
-    kept = [e for e in existing if (key := _existing_key(e)) is None or key[0] not in coverages]
+    kept = [e for e in existing if (key := _existing_key(e)) is None or key[0] not in coverages | {None}]
     added = [
         {"url": COVERAGE_INFO_URL, "extension": _parts(assertion, today, assertion_id)} for assertion in unique.values()
     ]

@@ -135,7 +135,8 @@ def _based_on(appointment: dict[str, Any]) -> list[dict[str, str]]:
 
 def _with_performers(order: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
     """order-dispatch: who will perform the order is evidence too (a DMX facility): the order's performer names and
-    the fulfillment Tasks' owners are read as performer types, the Tasks' descriptions as notes."""
+    the fulfillment Tasks' owners are read as order details (what the order asks for, where the policy's technique
+    words count; performerType is the service line, read for other evidence), the Tasks' descriptions as notes."""
     performers = [{"text": p["display"]} for p in as_list(order.get("performer")) if _display(p)]
     notes: list[dict[str, Any]] = []
     for task in as_list(context.get("fulfillmentTasks")):
@@ -147,7 +148,7 @@ def _with_performers(order: dict[str, Any], context: dict[str, Any]) -> dict[str
             notes.append({"text": task["description"]})
     out = dict(order)
     if performers:
-        out["performerType"] = [*as_list(order.get("performerType")), *performers]
+        out["orderDetail"] = [*as_list(order.get("orderDetail")), *performers]
     if notes:
         out["note"] = [*as_list(order.get("note")), *notes]
     return out

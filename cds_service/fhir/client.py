@@ -478,8 +478,6 @@ class CoverageFinder:
         if request.patient_id is None:
             found.notes.append("the request names no patient")
             return CoverageResult(None, found.notes, NO_MEMBER_FOUND, "The request names no patient.")
-        if found.problem == TECHNICAL:
-            return found
         patient = (request.prefetch or {}).get("patient", _ABSENT)
         if patient is None or (isinstance(patient, dict) and patient.get("resourceType") == "OperationOutcome"):
             found.notes.append("prefetch patient is empty: the client could not find the patient")
@@ -539,8 +537,6 @@ class CoverageFinder:
         found = classify(resources, notes)
         if found.coverage_reference is None:
             notes.append("the FHIR server has no active Coverage for the patient")
-        if self.cache is not None and cache_key is not None:
-            self.cache.put(*cache_key, found)
         return found
 
     def warm(self, request: HookRequest, keys: dict[str, PrefetchKey]) -> str:
@@ -559,9 +555,11 @@ class CoverageFinder:
         if keys.get("coverage") is None or self.reader.settings.offline:
             return "no Coverage prefetch and no read possible"
 
+        cache = self.cache
+
         def read() -> None:
             try:
-                self.resolve(request, keys)
+                cache.put(*cache_key, self.resolve(request, keys))
             except Exception as exc:  # a bug must not go unseen, nor take the patient's id into the log
                 log.error("encounter-start Coverage read failed unexpectedly: %s", type(exc).__name__)
 
