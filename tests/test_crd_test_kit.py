@@ -200,10 +200,30 @@ def servicerequest_problems(resource: dict[str, Any]) -> list[str]:
     return problems
 
 
+def source_resources(exchange: Exchange) -> dict[str, dict[str, Any]]:
+    """The resources a call is about, by Type/id, where the v2.2.1 kit looks for them
+    (hook_request_resource_resolution.rb): draftOrders or appointments entries, then any prefetched resource or
+    Bundle entry (an order-dispatch's orders, an appointment's basedOn order)."""
+    context = exchange.request["context"]
+    found: dict[str, dict[str, Any]] = {}
+    bundles = [context.get("draftOrders"), context.get("appointments"), *exchange.request.get("prefetch", {}).values()]
+    for value in bundles:
+        if not isinstance(value, dict):
+            continue
+        resources = [e["resource"] for e in value.get("entry", []) if isinstance(e, dict) and "resource" in e]
+        for resource in resources if value.get("resourceType") == "Bundle" else [value]:
+            found.setdefault(f"{resource.get('resourceType')}/{resource.get('id')}", resource)
+    return found
+
+
 def draft_refs(exchange: Exchange) -> set[str]:
-    """suggestion_actions_validation.rb draft_orders_bundle_entry_refs: Type/id of every draftOrders entry."""
-    entries = exchange.request["context"]["draftOrders"].get("entry", [])
-    return {f"{e['resource'].get('resourceType')}/{e['resource'].get('id')}" for e in entries if "resource" in e}
+    """suggestion_actions_validation.rb draft_orders_bundle_entry_refs: Type/id of every draftOrders entry (of the
+    orders the hook is about, for hooks without draftOrders)."""
+    context = exchange.request["context"]
+    if "draftOrders" in context:
+        entries = context["draftOrders"].get("entry", [])
+        return {f"{e['resource'].get('resourceType')}/{e['resource'].get('id')}" for e in entries if "resource" in e}
+    return {ref for ref in source_resources(exchange) if ref.split("/")[0] in [*ORDER_TYPES, "Appointment"]}
 
 
 def action_problems(action: dict[str, Any]) -> list[str]:
@@ -431,8 +451,7 @@ def test_the_echoed_order_is_the_clients_own_but_for_the_extension(exchanges: li
     change, so everything else in the echoed resource is the draft as sent."""
     for x, action in coverage_actions(exchanges):
         echoed = dict(action["resource"])
-        entries = x.request["context"]["draftOrders"]["entry"]
-        [draft] = [e["resource"] for e in entries if e["resource"].get("id") == echoed["id"]]
+        draft = source_resources(x)[f"{echoed['resourceType']}/{echoed['id']}"]
         echoed["extension"] = [e for e in echoed["extension"] if e.get("url") != COVERAGE_INFO]
         if not echoed["extension"]:
             del echoed["extension"]

@@ -99,8 +99,9 @@ def test_fixture_requests_are_valid_cds_hooks_requests() -> None:
         body = json.loads(path.read_text())
         assert body["hook"] in SERVICES, path
         assert _UUID.match(body["hookInstance"]), path
-        bundle = {"order-dispatch": None, "appointment-book": "appointments"}.get(body["hook"], "draftOrders")
-        if bundle:
-            assert body["context"][bundle]["resourceType"] == "Bundle", path
-        else:
+        hook = body["hook"]
+        if hook == "order-dispatch":
             assert all(isinstance(r, str) for r in body["context"]["dispatchedOrders"]), path
+        elif hook != "encounter-start":
+            bundle = "appointments" if hook == "appointment-book" else "draftOrders"
+            assert body["context"][bundle]["resourceType"] == "Bundle", path
