@@ -6,6 +6,7 @@ from collections.abc import Callable
 from datetime import date
 
 from .engine import HookRequest, Outcome, Service, assess, respond
+from .engine.referenced import ENCOUNTER_START, complete
 from .fhir.client import CoverageFinder
 
 
@@ -21,6 +22,17 @@ def answer(
     A policy's required prefetch that can be neither prefetched nor read is a 412 (ServiceError), raised here, never
     in the engine.
     """
+    scope = request.scope
+    if scope is not None and not scope.done:
+        # order-dispatch, appointment-book: the orders the prefetch lacked, read from the client's FHIR server.
+        read, failure = coverage.read_orders(request, scope.missing) if coverage else ({}, "no FHIR reader")
+        complete(request, read, failure)
+    if request.hook == ENCOUNTER_START:
+        # CRD ops-1: no cards; the patient's Coverage is kept for the encounter's later hooks.
+        outcome = Outcome([])
+        if coverage is not None:
+            outcome.notes.append(coverage.warm(request, service.prefetch))
+        return outcome
     assessment = assess(request, service)
     found = None
     if assessment.flagged and coverage is not None:

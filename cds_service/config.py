@@ -29,6 +29,9 @@ DEFAULTS: dict[str, Any] = {
     "FHIR_BREAKER_COOLDOWN": 30.0,
     "FHIR_BREAKER_WINDOW": 60.0,
     "ALLOW_HTTP_FHIR": False,
+    # Seconds the Coverage read at encounter-start is kept (per process, in memory, per FHIR server and patient) for
+    # the encounter's later hooks whose prefetch lacks it; 0 turns the cache off.
+    "COVERAGE_CACHE_TTL": 300.0,
     "AUDIT_SPILL_DIR": None,  # None: audit-spill/ in the instance folder
     "MAX_BODY_BYTES": 5 * 1024 * 1024,
     "AUDIT": True,
@@ -88,6 +91,7 @@ def normalise(settings: dict[str, Any]) -> dict[str, Any]:
     out["FHIR_BREAKER_WINDOW"] = _number("FHIR_BREAKER_WINDOW", out["FHIR_BREAKER_WINDOW"], float, 0.1, 86400)
     spill = out["AUDIT_SPILL_DIR"]
     out["AUDIT_SPILL_DIR"] = (str(spill).strip() or None) if spill is not None else None
+    out["COVERAGE_CACHE_TTL"] = _number("COVERAGE_CACHE_TTL", out["COVERAGE_CACHE_TTL"], float, 0, 86400)
     out["ALLOW_HTTP_FHIR"] = as_bool("ALLOW_HTTP_FHIR", out["ALLOW_HTTP_FHIR"])
     out["AUDIT"] = as_bool("AUDIT", out["AUDIT"])
     out["CORS_ORIGINS"] = _cors_origins(out["CORS_ORIGINS"])
@@ -148,6 +152,7 @@ class Settings:
     fhir_breaker_cooldown: float
     fhir_breaker_window: float
     allow_http_fhir: bool
+    coverage_cache_ttl: float  # seconds; 0 turns the encounter-start Coverage cache off
     audit_spill_dir: str | None
     max_body_bytes: int
     audit: bool

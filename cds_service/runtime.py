@@ -16,6 +16,7 @@ from .engine import discovery_entries
 from .engine.policy import PolicySet, load_policies
 from .fhir.breaker import BreakerSettings
 from .fhir.client import CoverageFinder, FhirReader, FhirSettings
+from .fhir.coverage_cache import CoverageCache
 from .store.jti import MemoryJtiStore
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def build_runtime(
     return Runtime(
         settings=settings,
         policies=policies,
-        coverage=CoverageFinder(reader),
+        coverage=CoverageFinder(reader, CoverageCache(settings.coverage_cache_ttl)),
         authenticator=build_authenticator(settings.trusted_issuers, jti_store) if settings.auth == "jwt" else None,
         audit=observe(audit) if observe is not None else audit,
         card_id=store.card_ids.mint if store is not None else (lambda _service: str(uuid.uuid4())),

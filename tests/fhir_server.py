@@ -40,6 +40,10 @@ class FhirBehaviour:
     endless: bool = False  # every searchset page links a next one
     padding: int = 0  # bytes of whitespace added to the body (a long drip-fed answer)
     released: threading.Event = field(default_factory=threading.Event)  # set when the stand-in stops
+    # Other resources it serves (ServiceRequests): read by Type/id or searched by _id; `failing` answers a type's
+    # requests with a status instead (a 500 for ServiceRequest while Coverage answers).
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    failing: dict[str, int] = field(default_factory=dict)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -69,10 +73,14 @@ class _Handler(BaseHTTPRequestHandler):
                 behaviour.status,
                 {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "exception"}]},
             )
-        if not url.path.endswith("/Coverage"):
+        kind = url.path.rstrip("/").split("/fhir/", 1)[-1].split("/")[0]
+        if kind in behaviour.failing:
             return self._send(
-                404, {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found"}]}
+                behaviour.failing[kind],
+                {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "exception"}]},
             )
+        if not url.path.endswith("/Coverage"):
+            return self._other(url.path, query)
         patient = (query.get("patient") or [""])[0]
         matches = [
             c
@@ -97,6 +105,22 @@ class _Handler(BaseHTTPRequestHandler):
                 }
             )
         return self._send(200, bundle)
+
+    def _other(self, path: str, query: dict[str, list[str]]) -> None:
+        """Type/id reads and Type?_id=a,b searches over `resources`; anything else is a 404."""
+        parts = path.rstrip("/").split("/fhir/", 1)[-1].split("/")
+        known = [r for r in self.server.behaviour.resources if r.get("resourceType") == parts[0]]
+        if len(parts) == 2:
+            found = [r for r in known if r.get("id") == parts[1]]
+            if found:
+                return self._send(200, found[0])
+        elif len(parts) == 1 and "_id" in query:
+            ids = {i for value in query["_id"] for i in value.split(",")}
+            entries = [{"resource": r} for r in known if r.get("id") in ids]
+            return self._send(200, {"resourceType": "Bundle", "type": "searchset", "entry": entries})
+        return self._send(
+            404, {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found"}]}
+        )
 
     def _send(self, status: int, body: dict[str, Any]) -> None:
         behaviour = self.server.behaviour

@@ -25,7 +25,8 @@ from cds_service.runtime import services_of
 
 from . import builders as b
 from .chromium_support import HEADLESS
-from .conftest import ROOT, SELECT, SIGN
+from .conftest import ROOT, SIGN
+from .test_crd_test_kit import SERVICES
 
 pytestmark = pytest.mark.slow
 
@@ -120,8 +121,7 @@ def cards(app: Flask) -> list[tuple[str, dict[str, Any]]]:
         body = json.loads(path.read_text())
         body.pop("fhirServer", None)
         body.pop("fhirAuthorization", None)
-        service = SELECT if body["hook"] == "order-select" else SIGN
-        response = client.post(f"/cds-services/{service}", json=body)
+        response = client.post(f"/cds-services/{SERVICES[body['hook']]}", json=body)
         assert response.status_code == 200
         out += [(path.name, card) for card in response.get_json()["cards"]]
     hostile = [

@@ -51,6 +51,14 @@ CARD_TYPES = {
     "guideline",
     "off-guideline",
 }
+# The service for each hook (CRD 2.2.1 resp-23: every primary hook; ops-1: encounter-start).
+SERVICES = {
+    "order-select": "dsv-order-select",
+    "order-sign": "dsv-order-sign",
+    "order-dispatch": "dsv-order-dispatch",
+    "appointment-book": "dsv-appointment-book",
+    "encounter-start": "dsv-encounter-start",
+}
 ORDER_TYPES = ["DeviceRequest", "MedicationRequest", "NutritionOrder", "ServiceRequest", "VisionPrescription"]
 # FHIR dateTime (https://hl7.org/fhir/R4/datatypes.html#dateTime).
 DATE_TIME = re.compile(
@@ -79,8 +87,7 @@ def exchanges(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Exchang
             body = json.loads(path.read_text())
             if "fhirServer" in body:
                 body["fhirServer"] = base
-            service = "dsv-order-select" if body["hook"] == "order-select" else "dsv-order-sign"
-            response = client.post(f"/cds-services/{service}", json=body)
+            response = client.post(f"/cds-services/{SERVICES[body['hook']]}", json=body)
             out.append(Exchange(path.name, body, response.status_code, response.get_json()))
     yield out
     services_of(app).store.close()
@@ -194,10 +201,30 @@ def servicerequest_problems(resource: dict[str, Any]) -> list[str]:
     return problems
 
 
+def source_resources(exchange: Exchange) -> dict[str, dict[str, Any]]:
+    """The resources a call is about, by Type/id, where the v2.2.1 kit looks for them
+    (hook_request_resource_resolution.rb): draftOrders or appointments entries, then any prefetched resource or
+    Bundle entry (an order-dispatch's orders, an appointment's basedOn order)."""
+    context = exchange.request["context"]
+    found: dict[str, dict[str, Any]] = {}
+    bundles = [context.get("draftOrders"), context.get("appointments"), *exchange.request.get("prefetch", {}).values()]
+    for value in bundles:
+        if not isinstance(value, dict):
+            continue
+        resources = [e["resource"] for e in value.get("entry", []) if isinstance(e, dict) and "resource" in e]
+        for resource in resources if value.get("resourceType") == "Bundle" else [value]:
+            found.setdefault(f"{resource.get('resourceType')}/{resource.get('id')}", resource)
+    return found
+
+
 def draft_refs(exchange: Exchange) -> set[str]:
-    """suggestion_actions_validation.rb draft_orders_bundle_entry_refs: Type/id of every draftOrders entry."""
-    entries = exchange.request["context"]["draftOrders"].get("entry", [])
-    return {f"{e['resource'].get('resourceType')}/{e['resource'].get('id')}" for e in entries if "resource" in e}
+    """suggestion_actions_validation.rb draft_orders_bundle_entry_refs: Type/id of every draftOrders entry (of the
+    orders the hook is about, for hooks without draftOrders)."""
+    context = exchange.request["context"]
+    if "draftOrders" in context:
+        entries = context["draftOrders"].get("entry", [])
+        return {f"{e['resource'].get('resourceType')}/{e['resource'].get('id')}" for e in entries if "resource" in e}
+    return {ref for ref in source_resources(exchange) if ref.split("/")[0] in [*ORDER_TYPES, "Appointment"]}
 
 
 def action_problems(action: dict[str, Any]) -> list[str]:
@@ -227,7 +254,7 @@ def test_discovery_services_are_valid(discovery: Any) -> None:
     for service in services:
         for field in ("hook", "description", "id"):
             assert isinstance(service.get(field), str) and service[field], (service.get("id"), field)
-    assert {s["hook"] for s in services} == {"order-select", "order-sign"}
+    assert {s["hook"] for s in services} == set(SERVICES)
 
 
 def test_discovery_declares_crd_versions_and_configuration_options(discovery: Any) -> None:
@@ -386,7 +413,7 @@ def test_coverage_information_system_actions_are_returned_and_valid(exchanges: l
     the assertion-id rules (CRD cards.html: repetitions for the same coverage share one coverage-assertion-id and
     satisfied-pa-id, repetitions for different coverages have distinct ones)."""
     found = coverage_actions(exchanges)
-    assert found and {x.request["hook"] for x, _ in found} == {"order-sign", "order-select"}
+    assert found and {x.request["hook"] for x, _ in found} >= {"order-sign", "order-select"}
     seen_ids: set[str] = set()
     for x, action in found:
         assert action["type"] == "update"
@@ -425,8 +452,7 @@ def test_the_echoed_order_is_the_clients_own_but_for_the_extension(exchanges: li
     change, so everything else in the echoed resource is the draft as sent."""
     for x, action in coverage_actions(exchanges):
         echoed = dict(action["resource"])
-        entries = x.request["context"]["draftOrders"]["entry"]
-        [draft] = [e["resource"] for e in entries if e["resource"].get("id") == echoed["id"]]
+        draft = source_resources(x)[f"{echoed['resourceType']}/{echoed['id']}"]
         echoed["extension"] = [e for e in echoed["extension"] if e.get("url") != COVERAGE_INFO]
         if not echoed["extension"]:
             del echoed["extension"]

@@ -16,6 +16,7 @@ from cds_service.cli import main
 
 from .conftest import ROOT
 from .fhir_server import fhir_server
+from .test_crd_test_kit import SERVICES
 
 FIXTURES = ROOT / "fixtures" / "hooks"
 CASES = sorted(p.name.removesuffix(".request.json") for p in FIXTURES.glob("*.request.json"))
@@ -75,7 +76,7 @@ def http_client(tmp_path: Path) -> FlaskClient:
 @pytest.mark.parametrize("case", CASES)
 def test_http_call_gives_the_golden_response(case: str, http_client: FlaskClient) -> None:
     body = json.loads((FIXTURES / f"{case}.request.json").read_text())
-    service = "dsv-order-select" if body["hook"] == "order-select" else "dsv-order-sign"
+    service = SERVICES[body["hook"]]
     # The EHR's FHIR server is replaced by a local stand-in that knows no Coverage: the same facts as offline.
     with fhir_server() as (base, behaviour):
         if "fhirServer" in body:
@@ -96,6 +97,11 @@ def _paths() -> list[Path]:
 def test_fixture_requests_are_valid_cds_hooks_requests() -> None:
     for path in _paths():
         body = json.loads(path.read_text())
-        assert body["hook"] in ("order-select", "order-sign"), path
+        assert body["hook"] in SERVICES, path
         assert _UUID.match(body["hookInstance"]), path
-        assert body["context"]["draftOrders"]["resourceType"] == "Bundle", path
+        hook = body["hook"]
+        if hook == "order-dispatch":
+            assert all(isinstance(r, str) for r in body["context"]["dispatchedOrders"]), path
+        elif hook != "encounter-start":
+            bundle = "appointments" if hook == "appointment-book" else "draftOrders"
+            assert body["context"][bundle]["resourceType"] == "Bundle", path

@@ -27,7 +27,15 @@ SECOND = ROOT / "tests" / "policies" / "second"
 SHIPPED = ROOT / "cards"
 CIMT = "carotid-intima-media-thickness"
 DSV = "dynamic-spinal-visualization"
-SERVICES = {"dsv-order-select", "dsv-order-sign", "cimt-order-select", "cimt-order-sign"}
+SERVICES = {
+    "dsv-order-select",
+    "dsv-order-sign",
+    "dsv-order-dispatch",
+    "dsv-appointment-book",
+    "dsv-encounter-start",
+    "cimt-order-select",
+    "cimt-order-sign",
+}
 CIMT_SUMMARY = (
     "Carotid intima-media thickness (CIMT) testing is investigational and not covered; use a risk calculator instead"
 )

@@ -73,7 +73,8 @@ class CardMaker:
         """
         order = verdict.order
         alternative = verdict.policy.alternatives.get(verdict.region or "")
-        if not order.reference or alternative is None:
+        # A booked Appointment is not an order to delete and replace: it gets the External Reference card.
+        if not order.reference or not order.reference.startswith("ServiceRequest/") or alternative is None:
             return None
         resource = alternative_order(verdict, alternative, self.request, self.today)
         if resource is None:

@@ -125,12 +125,53 @@ def read_configuration(extension: dict[str, Any]) -> Configuration:
     return config
 
 
+# CRD's CodeSystem temp: the coverage-assertion reasons (CRD 2.2.1 resp-43/44/45; CRDTempCodes.fsh).
+CRD_TEMP = "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp"
+DATA_ABSENT_REASON = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
+TECHNICAL = "technical"
+NO_MEMBER_FOUND = "no-member-found"
+COVERAGE_NOT_FOUND = "coverage-not-found"
+NO_ACTIVE_COVERAGE = "no-active-coverage"
+REASON_DISPLAY = {
+    TECHNICAL: "Technical issues",
+    NO_MEMBER_FOUND: "Member not found",
+    COVERAGE_NOT_FOUND: "Coverage not found",
+    NO_ACTIVE_COVERAGE: "Coverage not active",
+}
+CoverageProblem = str  # one of the four codes above
+
+
 @dataclass
 class CoverageResult:
-    """The patient's Coverage as found (or not) for one call, with notes for the audit log."""
+    """The patient's Coverage as found (or not) for one call, with notes for the audit log.
+
+    `coverage_reference` is what CRD 2.0.1 answers with (today's choice, kept for 2.0 clients); `problem` says why
+    no single active Coverage could be named (a CRD 2.2 reason code) and `detail` says it in words safe to send
+    (no token, no patient data); `named` is a Coverage the answer can still point at (the inactive one).
+    """
 
     coverage_reference: str | None
     notes: list[str] = field(default_factory=list)
+    problem: CoverageProblem | None = None
+    detail: str = ""
+    named: str | None = None
+
+
+@dataclass(frozen=True)
+class Assertion:
+    """What one coverage-information repetition says, before its date and assertion id."""
+
+    coverage: dict[str, Any]  # the valueReference
+    covered: str
+    pa_needed: str | None
+    reason_code: str | None
+    reason_text: str
+    billing: tuple[str, str] | None
+    description: str
+
+    def key(self) -> tuple[Any, ...]:
+        """What makes two assertions the same (CRD 2.2.1 resp-35: nothing is resent unless something is new)."""
+        return (self.coverage.get("reference"), self.covered, self.pa_needed, self.reason_code, self.billing)
 
 
 def _get(value: Any, *keys: str) -> Any:
@@ -142,57 +183,138 @@ def _get(value: Any, *keys: str) -> Any:
     return value
 
 
-def _same_assertion(existing: Any, coverage: str, covered: str, billing_code: str | None) -> bool:
-    if not isinstance(existing, dict) or existing.get("url") != COVERAGE_INFO_URL:
-        return False
-    nested = existing.get("extension")
+def _existing_key(extension: Any) -> tuple[Any, ...] | None:
+    """The key of a coverage-information extension already on a resource (None for anything else)."""
+    if not isinstance(extension, dict) or extension.get("url") != COVERAGE_INFO_URL:
+        return None
+    nested = extension.get("extension")
     parts = {e.get("url"): e for e in (nested if isinstance(nested, list) else []) if isinstance(e, dict)}
-    return bool(
-        _get(parts, "coverage", "valueReference", "reference") == coverage
-        and _get(parts, "covered", "valueCode") == covered
-        and _get(parts, "billingCode", "valueCoding", "code") == billing_code
+    reasons = _get(parts, "reason", "valueCodeableConcept", "coding")
+    reason = next((c.get("code") for c in (reasons if isinstance(reasons, list) else []) if isinstance(c, dict)), None)
+    billing = _get(parts, "billingCode", "valueCoding")
+    return (
+        _get(parts, "coverage", "valueReference", "reference"),
+        _get(parts, "covered", "valueCode"),
+        _get(parts, "pa-needed", "valueCode"),
+        reason,
+        (billing.get("system"), billing.get("code")) if isinstance(billing, dict) else None,
+    )
+
+
+def _absent_coverage(text: str) -> dict[str, Any]:
+    """coverage is 1..1 Reference(Coverage) in ext-coverage-information; with no Coverage to name, the reference
+    says so in words and carries FHIR's data-absent-reason (unknown) instead of a made-up id."""
+    return {"extension": [{"url": DATA_ABSENT_REASON, "valueCode": "unknown"}], "display": text}
+
+
+def problem_assertion(
+    problem: CoverageProblem, detail: str, named: str | None, verdict: Verdict | None, description: str
+) -> Assertion:
+    """CRD 2.2.1 resp-43: a technical failure is `indeterminate` (covered and pa-needed, as crd-ci-q2 wants a
+    pa-needed beside anything but not-covered) with reason `technical` and the details in reason.text;
+    resp-44/45: no member, no active coverage, no single coverage are `not-covered` with their reason code."""
+    billing = verdict.billing_code if verdict is not None else None
+    coverage = {"reference": named} if named else _absent_coverage(REASON_DISPLAY[problem])
+    technical = problem == TECHNICAL
+    return Assertion(
+        coverage=coverage,
+        covered="indeterminate" if technical else "not-covered",
+        pa_needed="indeterminate" if technical else None,
+        reason_code=problem,
+        reason_text=detail or REASON_DISPLAY[problem],
+        billing=(billing.system, billing.code) if billing else None,
+        description=description,
+    )
+
+
+def policy_assertion(verdict: Verdict, coverage_reference: str) -> Assertion:
+    """The policy's own answer for a flagged order under the patient's Coverage.
+
+    CRD (ext-coverage-information): coverage, covered, date and coverage-assertion-id are required; with
+    not-covered there is no pa-needed (removed in 2.1); "investigational" has no code, so it is not-covered plus
+    the reason in text.
+    """
+    policy = verdict.policy
+    billing = verdict.billing_code
+    return Assertion(
+        coverage={"reference": coverage_reference},
+        covered=policy.covered,
+        pa_needed=None,
+        reason_code=None,
+        reason_text=policy.coverage_reason,
+        billing=(billing.system, billing.code) if billing else None,
+        description=policy.coverage_action,
+    )
+
+
+def _parts(assertion: Assertion, today: date, assertion_id: str) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = [
+        {"url": "coverage", "valueReference": assertion.coverage},
+        {"url": "covered", "valueCode": assertion.covered},
+    ]
+    if assertion.pa_needed:
+        parts.append({"url": "pa-needed", "valueCode": assertion.pa_needed})
+    if assertion.billing:
+        parts.append(
+            {"url": "billingCode", "valueCoding": {"system": assertion.billing[0], "code": assertion.billing[1]}}
+        )
+    reason: dict[str, Any] = {"text": assertion.reason_text}
+    if assertion.reason_code:
+        reason = {
+            "coding": [
+                {"system": CRD_TEMP, "code": assertion.reason_code, "display": REASON_DISPLAY[assertion.reason_code]}
+            ],
+            "text": assertion.reason_text,
+        }
+    parts += [
+        {"url": "reason", "valueCodeableConcept": reason},
+        {"url": "date", "valueDate": today.isoformat()},
+        {"url": "coverage-assertion-id", "valueString": assertion_id},
+    ]
+    return parts
+
+
+def coverage_update(
+    target: dict[str, Any], reference: str | None, assertions: list[Assertion], today: date
+) -> ActionOutcome | None:
+    """One coverage-information systemAction for one in-scope resource (CRD 2.2.1 resp-29), or None when the
+    resource already says all of it (resp-35) or its extension element cannot be extended.
+
+    The resource is the client's own, unchanged but for coverage-information extensions (resp-37): ours are added,
+    and an earlier one about the same Coverage is replaced, so repetitions about one Coverage share one
+    coverage-assertion-id and those about different ones do not (the kit's check of cards.html).
+    """
+    existing = target.get("extension", [])
+    if not isinstance(existing, list):
+        # A malformed extension element cannot be extended without changing its meaning; leave the order alone.
+        return None
+    unique: dict[tuple[Any, ...], Assertion] = {}
+    for assertion in assertions:
+        unique.setdefault(assertion.key(), assertion)
+    held = {key for e in existing if (key := _existing_key(e)) is not None}
+    if not unique or set(unique) <= held:
+        return None
+    assertion_id = uuid.uuid4().hex
+    # Replaced: an earlier assertion about a Coverage asserted again, and an earlier "no Coverage could be named"
+    # (any new answer supersedes it); kept: other extensions, and assertions about other Coverages.
+    coverages = {key[0] for key in unique}
+    kept = [e for e in existing if (key := _existing_key(e)) is None or key[0] not in coverages | {None}]
+    added = [
+        {"url": COVERAGE_INFO_URL, "extension": _parts(assertion, today, assertion_id)} for assertion in unique.values()
+    ]
+    # A shallow copy is enough: nothing inside the client's resource is changed, only a new extension list is
+    # attached (the request's own dict stays as the client sent it, for the card and the audit log).
+    updated = {**target, "extension": [*kept, *added]}
+    first = next(iter(unique.values()))
+    return ActionOutcome(
+        "update", reference, assertion_id, {"type": "update", "description": first.description, "resource": updated}
     )
 
 
 def coverage_action(verdict: Verdict, coverage_reference: str, today: date) -> ActionOutcome | None:
-    """The CRD coverage-information systemAction for a flagged order, or None when it already carries it.
-
-    CRD (ext-coverage-information): coverage, covered, date and coverage-assertion-id are required; with
-    not-covered there is no pa-needed (removed in 2.1); "investigational" has no code, so it is not-covered plus
-    the reason in text. The resource is the client's own draft, unchanged but for the added extension.
-    """
-    resource = verdict.order.resource
+    """The CRD coverage-information systemAction for a flagged order, or None when it already carries it."""
     if not verdict.order.id:
         return None
-    policy = verdict.policy
-    billing = verdict.billing_code
-    extensions = resource.get("extension")
-    if isinstance(extensions, list) and any(
-        _same_assertion(e, coverage_reference, policy.covered, billing.code if billing else None) for e in extensions
-    ):
-        return None
-    assertion_id = uuid.uuid4().hex
-    parts: list[dict[str, Any]] = [
-        {"url": "coverage", "valueReference": {"reference": coverage_reference}},
-        {"url": "covered", "valueCode": policy.covered},
-    ]
-    if billing:
-        parts.append({"url": "billingCode", "valueCoding": {"system": billing.system, "code": billing.code}})
-    parts += [
-        {"url": "reason", "valueCodeableConcept": {"text": policy.coverage_reason}},
-        {"url": "date", "valueDate": today.isoformat()},
-        {"url": "coverage-assertion-id", "valueString": assertion_id},
-    ]
-    existing = resource.get("extension", [])
-    if not isinstance(existing, list):
-        # A malformed extension element cannot be extended without changing its meaning; leave the order alone.
-        return None
-    # A shallow copy is enough: nothing inside the client's resource is changed, only a new extension list is
-    # attached (the request's own dict stays as the client sent it, for the card and the audit log).
-    updated = {**resource, "extension": [*existing, {"url": COVERAGE_INFO_URL, "extension": parts}]}
-    return ActionOutcome(
-        "update",
-        verdict.order.reference,
-        assertion_id,
-        {"type": "update", "description": policy.coverage_action, "resource": updated},
+    return coverage_update(
+        verdict.order.resource, verdict.order.reference, [policy_assertion(verdict, coverage_reference)], today
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import crd
+from . import crd, referenced
 from .policy import PolicySet
 
 
@@ -16,7 +16,9 @@ def discovery_entries(policies: PolicySet) -> list[dict[str, Any]]:
             "id": service.id,
             "title": service.title,
             "description": service.description,
-            "prefetch": {name: key.query for name, key in service.prefetch.items()},
+            # The policy's prefetch, and the orders or appointments a CRD 2.2 hook names by reference (referenced.py).
+            "prefetch": {name: key.query for name, key in service.prefetch.items()}
+            | referenced.HOOK_PREFETCH.get(service.hook, {}),
             "extension": crd.service_extension(service),
         }
         for service in policies.services.values()

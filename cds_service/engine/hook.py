@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
+from typing import Any
 
 from . import crd
 from .cards import CardMaker
@@ -74,11 +75,50 @@ def respond(
         outcome.cards = outcome.cards[: config.max_cards]
     if coverage is not None:
         outcome.notes.extend(coverage.notes)
-    if flagged and config.coverage_info and coverage is not None and coverage.coverage_reference:
-        for verdict in flagged:
-            action = crd.coverage_action(verdict, coverage.coverage_reference, today)
-            if action is not None:
-                outcome.system_actions.append(action)
-            elif verdict.order.id:
-                outcome.notes.append(f"{verdict.order.reference}: already carries this coverage assertion")
+    if config.coverage_info:
+        _coverage_actions(assessment, coverage, today, outcome)
     return outcome
+
+
+def _assertion(verdict: Verdict, coverage: crd.CoverageResult | None, version: str) -> crd.Assertion | None:
+    """The answer for one flagged order: the policy's under the patient's Coverage; with CRD 2.2 (asked for in
+    davinci-crd.requestedVersion) an honest coverage answer when no single active Coverage could be read
+    (resp-43/44/45); with CRD 2.0 nothing then, as CRD 2.0.1 has no code for it."""
+    if coverage is None:
+        return None
+    if version != "2.0" and coverage.problem:
+        description = f"{crd.REASON_DISPLAY[coverage.problem]}: coverage for this order could not be determined"
+        return crd.problem_assertion(coverage.problem, coverage.detail, coverage.named, verdict, description)
+    if coverage.coverage_reference:
+        return crd.policy_assertion(verdict, coverage.coverage_reference)
+    return None
+
+
+def _coverage_actions(
+    assessment: Assessment, coverage: crd.CoverageResult | None, today: date, outcome: Outcome
+) -> None:
+    """One coverage-information systemAction per in-scope resource (CRD 2.2.1 resp-29), none for a resource that
+    already carries what it would say (resp-35), and a `technical` answer for an order that could not be read."""
+    version = assessment.config.crd_version
+    targets: dict[str, tuple[dict[str, Any], list[crd.Assertion]]] = {}
+    for verdict in assessment.flagged:
+        reference = verdict.order.reference
+        assertion = _assertion(verdict, coverage, version) if reference else None
+        if reference and assertion is not None:
+            targets.setdefault(reference, (verdict.order.resource, []))[1].append(assertion)
+    scope = assessment.request.scope
+    if scope is not None and scope.unread and version != "2.0":
+        named = coverage.coverage_reference if coverage is not None and not coverage.problem else None
+        detail = f"The order could not be read from the EHR's FHIR server: {scope.failure}."
+        for reference in scope.unread:
+            # Only its reference is known: the update names the order and adds the answer (the kit's
+            # coverage_information_extension_only_payload), it cannot echo content it never saw.
+            kind, rid = reference.split("/", 1)
+            assertion = crd.problem_assertion(crd.TECHNICAL, detail, named, None, "Coverage could not be determined")
+            targets.setdefault(reference, ({"resourceType": kind, "id": rid}, []))[1].append(assertion)
+    for reference, (resource, assertions) in targets.items():
+        action = crd.coverage_update(resource, reference, assertions, today)
+        if action is not None:
+            outcome.system_actions.append(action)
+        else:
+            outcome.notes.append(f"{reference}: already carries this coverage assertion")

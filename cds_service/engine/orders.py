@@ -78,7 +78,9 @@ class OrderView:
 
     @property
     def reference(self) -> str | None:
-        return f"ServiceRequest/{self.id}" if self.id else None
+        # An Appointment judged as the order it books is referred to as what it is.
+        kind = self.resource.get("resourceType")
+        return f"{kind if isinstance(kind, str) and kind else 'ServiceRequest'}/{self.id}" if self.id else None
 
     def label(self) -> str:
         """A short human name for the order: its code text, else its first coding display."""

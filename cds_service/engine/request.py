@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -12,6 +12,9 @@ from .errors import InvalidRequest
 from .orders import as_list
 from .policy.model import Service
 from .tolerant import well_formed
+
+if TYPE_CHECKING:
+    from .referenced import ReferencedOrders
 
 # orjson refuses to encode deeper than 254 levels: a body read deeper could not be sent back (cards, CRD echoes)
 # or stored without a 500, so nothing deeper is accepted. Real CDS Hooks requests nest fewer than 20.
@@ -45,6 +48,8 @@ class HookRequest:
     fetched: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     # The orders to judge, checked when the request was parsed (a field of the wrong type is a 400 then).
     orders: list[DraftOrder] = field(default_factory=list)
+    # order-dispatch and appointment-book: the orders the hook names by reference (engine/referenced.py).
+    scope: ReferencedOrders | None = None
 
     @property
     def patient_id(self) -> str | None:
@@ -117,7 +122,9 @@ def parse_hook_request(body: Any, service: Service) -> HookRequest:
     if not isinstance(context, dict):
         raise InvalidRequest("'context' must be an object.", expression="context")
 
-    draft_orders = context.get("draftOrders")
+    from . import referenced
+
+    draft_orders = context.get("draftOrders") if hook not in referenced.HOOKS else {"resourceType": "Bundle"}
     if draft_orders is None:
         raise InvalidRequest(f"The {hook} context has no 'draftOrders'.", expression="context.draftOrders")
     if not isinstance(draft_orders, dict) or draft_orders.get("resourceType") != "Bundle":
@@ -158,7 +165,10 @@ def parse_hook_request(body: Any, service: Service) -> HookRequest:
         prefetch=prefetch if isinstance(prefetch, dict) else None,
         extension=extension if isinstance(extension, dict) else {},
     )
-    request.orders = orders_to_judge(request)
+    if hook in referenced.HOOKS:
+        referenced.read_context(request)
+    else:
+        request.orders = orders_to_judge(request)
     return request
 
 

@@ -10,6 +10,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from datetime import date
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -17,12 +18,19 @@ import orjson
 import requests
 import urllib3
 
-from ..engine.crd import CoverageResult
+from ..engine.crd import (
+    COVERAGE_NOT_FOUND,
+    NO_ACTIVE_COVERAGE,
+    NO_MEMBER_FOUND,
+    TECHNICAL,
+    CoverageResult,
+)
 from ..engine.orders import as_list
 from ..errors import ServiceError
 from ..ops import metrics
 from ..ops.call_pool import blocking_io
 from .breaker import BreakerBoard, BreakerOpen, BreakerSettings, server_key
+from .coverage_cache import CoverageCache
 
 if TYPE_CHECKING:
     from ..engine.policy import PrefetchKey
@@ -34,6 +42,7 @@ _MAX_PAGES = 3
 _MAX_BODY = 5 * 1024 * 1024
 _TOKEN = re.compile(r"\{\{\s*context\.(\w+)\s*\}\}")
 _ABSENT = object()
+OFFLINE = "reading from FHIR servers is off"
 
 
 class FetchError(Exception):
@@ -42,10 +51,13 @@ class FetchError(Exception):
     `server_fault`: the server failed (it counts towards its circuit breaker); `skipped`: no read was attempted.
     """
 
-    def __init__(self, reason: str, *, server_fault: bool = False, skipped: bool = False) -> None:
+    def __init__(
+        self, reason: str, *, server_fault: bool = False, skipped: bool = False, status: int | None = None
+    ) -> None:
         super().__init__(reason)
         self.server_fault = server_fault
         self.skipped = skipped
+        self.status = status  # the HTTP status the FHIR server answered, when it answered
 
 
 @dataclass(frozen=True)
@@ -274,7 +286,7 @@ class FhirReader:
         so the thread ends by itself too; the slots bound how many can be in flight.
         """
         if self.settings.offline:
-            raise FetchError("reading from FHIR servers is off", skipped=True)
+            raise FetchError(OFFLINE, skipped=True)
         base = self.check_server(base)
         server = server_key(base)
         try:
@@ -358,7 +370,9 @@ class FhirReader:
                 if response.status_code != 200:
                     # 5xx and 429: the server is failing; other answers (401, 404, ...) are about this query.
                     fault = response.status_code >= 500 or response.status_code == 429
-                    raise FetchError(f"FHIR server answered {response.status_code}", server_fault=fault)
+                    raise FetchError(
+                        f"FHIR server answered {response.status_code}", server_fault=fault, status=response.status_code
+                    )
                 chunks = []
                 size = 0
                 for chunk in response.iter_content(65536):
@@ -391,55 +405,119 @@ def _next_link(bundle: dict[str, Any], base: str) -> str | None:
 
 def choose_coverage(resources: list[Any], notes: list[str]) -> str | None:
     """The patient's active Coverage; with several, the first by Coverage.order (then as listed)."""
+    return classify(resources, notes).coverage_reference
+
+
+def _ended(resource: dict[str, Any], today: date) -> bool:
+    end = resource.get("period", {}).get("end") if isinstance(resource.get("period"), dict) else None
+    return isinstance(end, str) and len(end) >= 10 and end[:10] < today.isoformat()
+
+
+def classify(resources: list[Any], notes: list[str], today: date | None = None) -> CoverageResult:
+    """What the Coverages found say (CRD 2.2.1 resp-45): one active Coverage (the first by Coverage.order, then as
+    listed: what CRD 2.0 clients get, as before); none active but one found (no-active-coverage, naming it); none
+    at all, or several active ones Coverage.order cannot tell apart (coverage-not-found)."""
+    today = today or date.today()
     active = []
+    inactive = []
     for position, resource in enumerate(resources):
         if not isinstance(resource, dict) or resource.get("resourceType") != "Coverage":
             continue
-        if resource.get("status", "active") != "active" or not isinstance(resource.get("id"), str):
+        if not isinstance(resource.get("id"), str):
+            continue
+        if resource.get("status", "active") != "active" or _ended(resource, today):
+            if resource.get("status") != "entered-in-error":
+                inactive.append(f"Coverage/{resource['id']}")
             continue
         order = resource.get("order")
         rank = order if isinstance(order, int) and not isinstance(order, bool) else 1 << 30
         active.append((rank, position, resource["id"]))
     if not active:
-        return None
+        if inactive:
+            return CoverageResult(
+                None, notes, NO_ACTIVE_COVERAGE, "The patient's coverage was found but is not active.", inactive[0]
+            )
+        return CoverageResult(None, notes, COVERAGE_NOT_FOUND, "No coverage was found for the patient.")
     active.sort()
     chosen = f"Coverage/{active[0][2]}"
     if len(active) > 1:
         notes.append(f"{len(active)} active Coverages; chose {chosen} (first by Coverage.order)")
-    return chosen
+        if active[0][0] == active[1][0]:
+            return CoverageResult(
+                chosen,
+                notes,
+                COVERAGE_NOT_FOUND,
+                f"{len(active)} active coverages were found and Coverage.order does not tell which applies.",
+            )
+    return CoverageResult(chosen, notes)
+
+
+def _technical(notes: list[str], detail: str) -> CoverageResult:
+    return CoverageResult(None, notes, TECHNICAL, detail)
 
 
 class CoverageFinder:
-    """Finds the patient's Coverage for a call: prefetch first, then the client's FHIR server."""
+    """Finds the patient's Coverage for a call: prefetch first, then what encounter-start read (the cache), then
+    the client's FHIR server; and reads the orders a hook names by reference."""
 
-    def __init__(self, reader: FhirReader) -> None:
+    def __init__(self, reader: FhirReader, cache: CoverageCache | None = None) -> None:
         self.reader = reader
+        self.cache = cache
+
+    def _cache_key(self, request: HookRequest) -> tuple[str, str] | None:
+        if not request.fhir_server or not request.patient_id:
+            return None
+        return request.fhir_server.rstrip("/"), request.patient_id
 
     def resolve(self, request: HookRequest, keys: dict[str, PrefetchKey]) -> CoverageResult:
+        """The Coverage, or why there is none. A patient the request does not name, or whose prefetch came back
+        empty, is no member (CRD 2.2.1 resp-44) unless a Coverage was found for them all the same."""
+        found = self._resolve(request, keys)
+        if found.coverage_reference is not None:
+            return found
+        if request.patient_id is None:
+            found.notes.append("the request names no patient")
+            return CoverageResult(None, found.notes, NO_MEMBER_FOUND, "The request names no patient.")
+        patient = (request.prefetch or {}).get("patient", _ABSENT)
+        if patient is None or (isinstance(patient, dict) and patient.get("resourceType") == "OperationOutcome"):
+            found.notes.append("prefetch patient is empty: the client could not find the patient")
+            return CoverageResult(None, found.notes, NO_MEMBER_FOUND, "The patient could not be found.")
+        return found
+
+    def _resolve(self, request: HookRequest, keys: dict[str, PrefetchKey]) -> CoverageResult:
         notes: list[str] = []
         key = keys.get("coverage")
         value = (request.prefetch or {}).get("coverage", _ABSENT) if key else _ABSENT
         if value is None:
-            return CoverageResult(None, ["prefetch coverage is null: the patient has no active Coverage"])
+            notes.append("prefetch coverage is null: the patient has no active Coverage")
+            return CoverageResult(None, notes, COVERAGE_NOT_FOUND, "No active coverage was found for the patient.")
         if isinstance(value, dict):
             kind = value.get("resourceType")
             if kind == "Coverage":
-                return CoverageResult(choose_coverage([value], notes), notes)
+                return classify([value], notes)
             if kind == "Bundle":
                 entries = [e.get("resource") for e in as_list(value.get("entry")) if isinstance(e, dict)]
-                chosen = choose_coverage(entries, notes)
-                return CoverageResult(chosen, notes or ([] if chosen else ["prefetch coverage has no active one"]))
+                found = classify(entries, notes)
+                if found.coverage_reference is None:
+                    notes.append("prefetch coverage has no active one")
+                return found
             if kind == "OperationOutcome":
                 notes.append("prefetch coverage is an OperationOutcome: the client could not read it")
         elif value is not _ABSENT:
             notes.append("prefetch coverage is not a resource; ignored")
+        cache_key = self._cache_key(request)
+        if self.cache is not None and cache_key is not None:
+            cached = self.cache.get(*cache_key)
+            if cached is not None:
+                cached.notes.append("Coverage as read at encounter-start (cached)")
+                return cached
         if key is None or not request.fhir_server:
             notes.append("Coverage unknown: no prefetch and no fhirServer")
-            return CoverageResult(None, notes)
+            return _technical(notes, "The request carried no Coverage prefetch and no fhirServer to read it from.")
         query = fill_template(key.query, request.context)
         if query is None:
             notes.append("Coverage unknown: the context lacks what the coverage query needs")
-            return CoverageResult(None, notes)
+            return _technical(notes, "The request's context lacks what the Coverage query needs.")
         try:
             resources = self._read(request, "coverage", query)
         except FetchError as exc:
@@ -447,14 +525,68 @@ class CoverageFinder:
                 # An open breaker or full read slots: logged when that state began, not again for every call.
                 log.debug("coverage read skipped for hookInstance %s: %s", request.hook_instance, exc)
                 notes.append(f"Coverage unknown: {exc}")
+                if str(exc) == OFFLINE:
+                    return CoverageResult(None, notes)  # evaluating offline: nothing failed, nothing was read
             else:
                 log.warning("coverage read failed for hookInstance %s: %s", request.hook_instance, exc)
                 notes.append(f"Coverage unknown: reading it from the FHIR server failed ({exc})")
-            return CoverageResult(None, notes)
-        chosen = choose_coverage(resources, notes)
-        if chosen is None:
+            if exc.status in (404, 410):
+                # The server does not know the patient the search names: CRD 2.2.1 resp-44.
+                return CoverageResult(None, notes, NO_MEMBER_FOUND, "The EHR's FHIR server does not know the patient.")
+            return _technical(notes, f"Reading the patient's coverage from the EHR's FHIR server failed ({exc}).")
+        found = classify(resources, notes)
+        if found.coverage_reference is None:
             notes.append("the FHIR server has no active Coverage for the patient")
-        return CoverageResult(chosen, notes)
+        return found
+
+    def warm(self, request: HookRequest, keys: dict[str, PrefetchKey]) -> str:
+        """encounter-start (CRD ops-1): keep the patient's Coverage for the encounter's later hooks. The call is
+        answered at once: a read from the FHIR server runs on its own thread, under the usual deadline, read slots
+        and breaker. Returns what was done, for the audit notes."""
+        cache_key = self._cache_key(request)
+        if self.cache is None or not self.cache.enabled or cache_key is None:
+            return "Coverage cache off, or no fhirServer and patient to key it by"
+        if self.cache.get(*cache_key) is not None:
+            return "Coverage already cached"
+        value = (request.prefetch or {}).get("coverage", _ABSENT)
+        if isinstance(value, dict) and value.get("resourceType") in ("Coverage", "Bundle"):
+            self.cache.put(*cache_key, self.resolve(request, keys))
+            return "Coverage cached from prefetch"
+        if keys.get("coverage") is None or self.reader.settings.offline:
+            return "no Coverage prefetch and no read possible"
+
+        cache = self.cache
+
+        def read() -> None:
+            try:
+                cache.put(*cache_key, self.resolve(request, keys))
+            except Exception as exc:  # a bug must not go unseen, nor take the patient's id into the log
+                log.error("encounter-start Coverage read failed unexpectedly: %s", type(exc).__name__)
+
+        threading.Thread(target=read, name="cds-coverage-warm", daemon=True).start()
+        return "Coverage read started"
+
+    def read_orders(self, request: HookRequest, references: list[str]) -> tuple[dict[str, dict[str, Any]], str]:
+        """The ServiceRequests a hook names that its prefetch lacked, read with the request's bearer token under the
+        same deadline, read slots and breaker as the Coverage read; what is missing stays unread, with why."""
+        ids = [ref.split("/", 1)[1] for ref in references if ref.startswith("ServiceRequest/")]
+        if not ids:
+            return {}, ""
+        if not request.fhir_server:
+            return {}, "no prefetch and no fhirServer to read it from"
+        query = "ServiceRequest?_id=" + ",".join(quote(i, safe="") for i in ids)
+        try:
+            resources = self._read(request, "serviceRequests", query)
+        except FetchError as exc:
+            if not exc.skipped:
+                log.warning("order read failed for hookInstance %s: %s", request.hook_instance, exc)
+            return {}, str(exc)
+        found = {
+            f"ServiceRequest/{r['id']}": r
+            for r in resources
+            if r.get("resourceType") == "ServiceRequest" and isinstance(r.get("id"), str)
+        }
+        return found, ""
 
     def _read(self, request: HookRequest, name: str, query: str) -> list[dict[str, Any]]:
         if name not in request.fetched:

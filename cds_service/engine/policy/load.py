@@ -723,11 +723,17 @@ def _compile(c: _Compiler, spec: s.PolicyFile, digest: str) -> Policy:
     meta = spec.policy
     facts = {"payer": spec.payer.name, "title": meta.title, "reference": meta.reference, "version": meta.version}
     services = []
-    for hook, sdef in (("order-select", spec.services.order_select), ("order-sign", spec.services.order_sign)):
+    for hook, sdef in (
+        ("order-select", spec.services.order_select),
+        ("order-sign", spec.services.order_sign),
+        ("order-dispatch", spec.services.order_dispatch),
+        ("appointment-book", spec.services.appointment_book),
+        ("encounter-start", spec.services.encounter_start),
+    ):
         if sdef is not None:
             services.append(ServiceDef(hook, sdef.id, sdef.title))
     if not services:
-        c.problem(("services",), "name at least one hook (order-select, order-sign)")
+        c.problem(("services",), "name at least one hook (order-select, order-sign, ...)")
 
     card = spec.card
     summary = c.fill(card.summary, facts, ("card", "summary"))

@@ -71,6 +71,10 @@ class ServiceSpec(Strict):
 class Services(Strict):
     order_select: Annotated[ServiceSpec | None, Field(alias="order-select")] = None
     order_sign: Annotated[ServiceSpec | None, Field(alias="order-sign")] = None
+    # CRD's other primary hooks (order-dispatch, appointment-book) and encounter-start (CRD ops-1).
+    order_dispatch: Annotated[ServiceSpec | None, Field(alias="order-dispatch")] = None
+    appointment_book: Annotated[ServiceSpec | None, Field(alias="appointment-book")] = None
+    encounter_start: Annotated[ServiceSpec | None, Field(alias="encounter-start")] = None
     description: Text
 
 
