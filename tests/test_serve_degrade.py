@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import statistics
 import subprocess
 import threading
@@ -15,20 +14,17 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy.engine import make_url
 
 from cds_service.store.models import audit_call
 
 from .conftest import SIGN
 from .fhir_server import FhirBehaviour, coverage, fhir_server
 from .process_support import running_server
-from .store_support import TcpProxy, flagged_call, table_rows, temp_database
+from .store_support import flagged_call, outage, table_rows, temp_database
 
 pytestmark = pytest.mark.slow
 
@@ -144,37 +140,6 @@ def test_the_circuit_breaker_opens_probes_and_closes(tmp_path: Path) -> None:
     assert "circuit breaker half-open" in text and "circuit breaker closed" in text
     notes = [row.notes for row in table_rows(f"sqlite:///{tmp_path / 'serve.sqlite3'}", audit_call)]
     assert sum("circuit breaker open since" in " ".join(n) for n in notes) == 1
-
-
-@contextmanager
-def outage(backend: str, url: str) -> Iterator[tuple[str, Any, Any]]:
-    """(url the server uses, cut(), restore()): a database that works until cut() and again after restore().
-
-    SQLite: another process holds its write lock (writes wait out the busy timeout, then fail); PostgreSQL: the
-    network path through a real TCP proxy is cut."""
-    if backend == "sqlite":
-        holder: list[sqlite3.Connection] = []
-
-        def lock() -> None:
-            conn = sqlite3.connect(make_url(url).database or "", isolation_level=None)
-            conn.execute("BEGIN EXCLUSIVE")
-            holder.append(conn)
-
-        def unlock() -> None:
-            conn = holder.pop()
-            conn.execute("ROLLBACK")
-            conn.close()
-
-        yield url, lock, unlock
-        return
-    parsed = make_url(url)
-    proxy = TcpProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
-    proxy.start()
-    try:
-        through = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        yield through, proxy.stop, proxy.start
-    finally:
-        proxy.stop()
 
 
 def test_records_spilled_at_shutdown_during_an_outage_are_written_once_on_the_next_start(
