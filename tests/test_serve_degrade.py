@@ -142,15 +142,18 @@ def test_the_circuit_breaker_opens_probes_and_closes(tmp_path: Path) -> None:
     assert sum("circuit breaker open since" in " ".join(n) for n in notes) == 1
 
 
+@pytest.mark.parametrize("durability", ["sync", "async"])
 def test_records_spilled_at_shutdown_during_an_outage_are_written_once_on_the_next_start(
-    backend: str, tmp_path: Path
+    backend: str, durability: str, tmp_path: Path
 ) -> None:
+    # async: the records wait in memory and are spilled at shutdown; sync: they are in each worker's journal
+    # already, which stays for the next start instead.
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
     second.mkdir()
     spill_dir = tmp_path / "audit-spill"  # conftest points CDS_AUDIT_SPILL_DIR here
     with temp_database(backend, tmp_path) as real_url, outage(backend, real_url) as (url, cut, restore):
-        env = {"CDS_DATABASE_URL": url}
+        env = {"CDS_DATABASE_URL": url, "CDS_AUDIT_DURABILITY": durability}
         with running_server(first, "--workers", "2", env=env, ready_path="/ready") as (process, base, log):
             cut()
             answered = []
@@ -160,14 +163,17 @@ def test_records_spilled_at_shutdown_during_an_outage_are_written_once_on_the_ne
                 assert status == 200 and len(answer["cards"]) == 1
                 answered.append(body["hookInstance"])
             text = stop(process, log)
-        assert "spilled to" in text and "could not be spilled" not in text
-        files = sorted(spill_dir.glob("audit-spill-*.jsonl"))
+        kept, pattern = (
+            ("spilled to", "audit-spill-*") if durability == "async" else ("stay in the journal", "audit-journal-*")
+        )
+        assert kept in text and "could not be spilled" not in text
+        files = sorted(spill_dir.glob(pattern))
         assert files and sum(len(f.read_bytes().splitlines()) for f in files) >= len(answered)
         restore()
         with running_server(second, env=env, ready_path="/ready") as (process, _base, log):
             text = stop(process, log)
         assert "written to the database" in text
-        assert list(spill_dir.glob("audit-spill-*")) == []
+        assert list(spill_dir.glob(pattern)) == []
         counts = Counter(row.hook_instance for row in table_rows(real_url, audit_call))
     assert set(answered) <= set(counts) and set(counts.values()) == {1}
     assert len(counts) == len(answered)
