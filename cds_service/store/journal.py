@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..audit import CallRecord
+from ..ops.call_pool import blocking_io
 from . import spill
 
 log = logging.getLogger(__name__)
@@ -98,15 +99,21 @@ class Journal:
             recovered = self.state.failing_since
             self.state.failing_since = None
             self.state.last_error = None
+        # Waiting on the disk: a thread of the call pool steps aside meanwhile, so another can take the next call
+        # (the wait is the device's flush, milliseconds; the CPU is free for other calls).
+        with blocking_io(), self._cond:
             while self._synced < mine:
                 if self._syncing:
                     self._cond.wait()
                     continue
-                # Leader: one fdatasync covers every line appended so far. They all went to this segment: a
-                # rotation syncs the old one and counts its lines as synced, so a waiter never gets here with a
-                # line in an older segment.
+                # Leader: one fdatasync covers every line appended so far. They all went to the current segment:
+                # a rotation syncs the old one and counts its lines as synced, so a waiter whose line is in an
+                # older segment never gets here.
+                if self._current is None:  # only after a rotation, which synced every line so far
+                    self._synced = self._seq
+                    continue
                 self._syncing = True
-                target, fd = self._seq, segment.fd
+                target, fd = self._seq, self._current.fd
                 self._cond.release()
                 error: OSError | None = None
                 try:
