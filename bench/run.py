@@ -508,6 +508,9 @@ class Bench:
         db = self.workdir / f"cds-{port}.sqlite3"
         env = self.base_env(spec.src) | {
             "CDS_DATABASE_URL": f"sqlite:///{db}",
+            # Each server's own audit journal and spill folder (beside its database): one server never replays
+            # another's records into its database.
+            "CDS_AUDIT_SPILL_DIR": str(self.workdir / f"audit-{port}"),
             "CDS_PUBLIC_URL": f"http://{HOST}:{port}",
             "CDS_AUTH": self.auth,
         }

@@ -35,6 +35,10 @@ DEFAULTS: dict[str, Any] = {
     "AUDIT_SPILL_DIR": None,  # None: audit-spill/ in the instance folder
     "MAX_BODY_BYTES": 5 * 1024 * 1024,
     "AUDIT": True,
+    # sync: an answered call's audit record is in this process's journal (fsynced, in the spill folder) before the
+    # answer is sent, so a SIGKILL or power cut loses none; async: it waits in memory for the database writer
+    # (faster; a SIGKILL loses the records not yet written). docs/audit-durability.md has the measured costs.
+    "AUDIT_DURABILITY": "sync",
     "CARD_ID_KEY": None,  # None: a key made once in the database (marks card uuids as this service's)
     "LOG_LEVEL": "INFO",
     "LOG_FORMAT": "text",  # text | json (one JSON object per line)
@@ -94,6 +98,10 @@ def normalise(settings: dict[str, Any]) -> dict[str, Any]:
     out["COVERAGE_CACHE_TTL"] = _number("COVERAGE_CACHE_TTL", out["COVERAGE_CACHE_TTL"], float, 0, 86400)
     out["ALLOW_HTTP_FHIR"] = as_bool("ALLOW_HTTP_FHIR", out["ALLOW_HTTP_FHIR"])
     out["AUDIT"] = as_bool("AUDIT", out["AUDIT"])
+    durability = str(out["AUDIT_DURABILITY"]).strip().lower()
+    if durability not in ("sync", "async"):
+        raise ConfigError(f"CDS_AUDIT_DURABILITY: expected 'sync' or 'async', got {out['AUDIT_DURABILITY']!r}")
+    out["AUDIT_DURABILITY"] = durability
     out["CORS_ORIGINS"] = _cors_origins(out["CORS_ORIGINS"])
     out["LOG_FORMAT"] = str(out["LOG_FORMAT"]).strip().lower()
     if out["LOG_FORMAT"] not in ("text", "json"):
@@ -156,6 +164,7 @@ class Settings:
     audit_spill_dir: str | None
     max_body_bytes: int
     audit: bool
+    audit_durability: Literal["sync", "async"]  # sync: journalled (fsync) before the answer leaves
     card_id_key: str | None
     log_level: str
     log_format: Literal["text", "json"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -181,5 +182,36 @@ def down_then_up(backend: str, tmp_path: Path, url: str) -> Iterator[tuple[str, 
     proxy = TcpProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
     try:
         yield parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False), proxy.start
+    finally:
+        proxy.stop()
+
+
+@contextlib.contextmanager
+def outage(backend: str, url: str) -> Iterator[tuple[str, Any, Any]]:
+    """(url the server uses, cut(), restore()): a database that works until cut() and again after restore().
+
+    SQLite: another process holds its write lock (writes wait out the busy timeout, then fail); PostgreSQL: the
+    network path through a real TCP proxy is cut."""
+    if backend == "sqlite":
+        holder: list[sqlite3.Connection] = []
+
+        def lock() -> None:
+            conn = sqlite3.connect(make_url(url).database or "", isolation_level=None)
+            conn.execute("BEGIN EXCLUSIVE")
+            holder.append(conn)
+
+        def unlock() -> None:
+            conn = holder.pop()
+            conn.execute("ROLLBACK")
+            conn.close()
+
+        yield url, lock, unlock
+        return
+    parsed = make_url(url)
+    proxy = TcpProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
+    proxy.start()
+    try:
+        through = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        yield through, proxy.stop, proxy.start
     finally:
         proxy.stop()

@@ -47,7 +47,9 @@ def test_records_the_database_never_took_are_spilled_at_close_and_written_once_o
     caplog.set_level(logging.INFO)
     folder = tmp_path / "spill"
     with temp_database(backend, tmp_path) as real_url, down_then_up(backend, tmp_path, real_url) as (url, bring_up):
-        app = create_app({"AUTH": "off", "DATABASE_URL": url, "AUDIT_SPILL_DIR": str(folder)})
+        # async durability: records wait in memory, and the spill file is what keeps them at close.
+        settings = {"AUTH": "off", "DATABASE_URL": url, "AUDIT_SPILL_DIR": str(folder), "AUDIT_DURABILITY": "async"}
+        app = create_app(settings)
         client = app.test_client()
         sent = []
         for _ in range(3):

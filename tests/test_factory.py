@@ -12,7 +12,7 @@ from cds_service.engine import PolicyError
 
 
 def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("CDS_AUTH", "CDS_PUBLIC_URL", "CDS_POLICY_DIR", "CDS_CORS_ORIGINS"):
+    for name in ("CDS_AUTH", "CDS_PUBLIC_URL", "CDS_POLICY_DIR", "CDS_CORS_ORIGINS", "CDS_AUDIT_DURABILITY"):
         monkeypatch.delenv(name, raising=False)
     app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}"})
     assert app.config["AUTH"] == "jwt"  # secure by default
@@ -21,6 +21,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert app.config["FHIR_TIMEOUT"] == 3.0
     assert app.config["FHIR_MAX_READS"] == 16
     assert (app.config["FHIR_BREAKER_FAILURES"], app.config["FHIR_BREAKER_COOLDOWN"]) == (3, 30.0)
+    assert app.config["AUDIT_DURABILITY"] == "sync"  # an answered call's record is on disk before it answers
 
 
 def test_environment_is_read_and_the_mapping_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,6 +51,7 @@ def test_prefixed_names_are_accepted_in_the_mapping(tmp_path: Path) -> None:
         ("FHIR_BREAKER_FAILURES", "three"),
         ("FHIR_BREAKER_COOLDOWN", "-1"),
         ("FHIR_BREAKER_WINDOW", "0"),
+        ("AUDIT_DURABILITY", "fast"),
     ],
 )
 def test_bad_settings_stop_start_up(name: str, value: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import statistics
 import subprocess
 import threading
@@ -15,20 +14,17 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy.engine import make_url
 
 from cds_service.store.models import audit_call
 
 from .conftest import SIGN
 from .fhir_server import FhirBehaviour, coverage, fhir_server
 from .process_support import running_server
-from .store_support import TcpProxy, flagged_call, table_rows, temp_database
+from .store_support import flagged_call, outage, table_rows, temp_database
 
 pytestmark = pytest.mark.slow
 
@@ -146,46 +142,18 @@ def test_the_circuit_breaker_opens_probes_and_closes(tmp_path: Path) -> None:
     assert sum("circuit breaker open since" in " ".join(n) for n in notes) == 1
 
 
-@contextmanager
-def outage(backend: str, url: str) -> Iterator[tuple[str, Any, Any]]:
-    """(url the server uses, cut(), restore()): a database that works until cut() and again after restore().
-
-    SQLite: another process holds its write lock (writes wait out the busy timeout, then fail); PostgreSQL: the
-    network path through a real TCP proxy is cut."""
-    if backend == "sqlite":
-        holder: list[sqlite3.Connection] = []
-
-        def lock() -> None:
-            conn = sqlite3.connect(make_url(url).database or "", isolation_level=None)
-            conn.execute("BEGIN EXCLUSIVE")
-            holder.append(conn)
-
-        def unlock() -> None:
-            conn = holder.pop()
-            conn.execute("ROLLBACK")
-            conn.close()
-
-        yield url, lock, unlock
-        return
-    parsed = make_url(url)
-    proxy = TcpProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
-    proxy.start()
-    try:
-        through = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        yield through, proxy.stop, proxy.start
-    finally:
-        proxy.stop()
-
-
+@pytest.mark.parametrize("durability", ["sync", "async"])
 def test_records_spilled_at_shutdown_during_an_outage_are_written_once_on_the_next_start(
-    backend: str, tmp_path: Path
+    backend: str, durability: str, tmp_path: Path
 ) -> None:
+    # async: the records wait in memory and are spilled at shutdown; sync: they are in each worker's journal
+    # already, which stays for the next start instead.
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
     second.mkdir()
     spill_dir = tmp_path / "audit-spill"  # conftest points CDS_AUDIT_SPILL_DIR here
     with temp_database(backend, tmp_path) as real_url, outage(backend, real_url) as (url, cut, restore):
-        env = {"CDS_DATABASE_URL": url}
+        env = {"CDS_DATABASE_URL": url, "CDS_AUDIT_DURABILITY": durability}
         with running_server(first, "--workers", "2", env=env, ready_path="/ready") as (process, base, log):
             cut()
             answered = []
@@ -195,14 +163,17 @@ def test_records_spilled_at_shutdown_during_an_outage_are_written_once_on_the_ne
                 assert status == 200 and len(answer["cards"]) == 1
                 answered.append(body["hookInstance"])
             text = stop(process, log)
-        assert "spilled to" in text and "could not be spilled" not in text
-        files = sorted(spill_dir.glob("audit-spill-*.jsonl"))
+        kept, pattern = (
+            ("spilled to", "audit-spill-*") if durability == "async" else ("stay in the journal", "audit-journal-*")
+        )
+        assert kept in text and "could not be spilled" not in text
+        files = sorted(spill_dir.glob(pattern))
         assert files and sum(len(f.read_bytes().splitlines()) for f in files) >= len(answered)
         restore()
         with running_server(second, env=env, ready_path="/ready") as (process, _base, log):
             text = stop(process, log)
         assert "written to the database" in text
-        assert list(spill_dir.glob("audit-spill-*")) == []
+        assert list(spill_dir.glob(pattern)) == []
         counts = Counter(row.hook_instance for row in table_rows(real_url, audit_call))
     assert set(answered) <= set(counts) and set(counts.values()) == {1}
     assert len(counts) == len(answered)

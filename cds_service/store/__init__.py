@@ -14,8 +14,8 @@ from typing import Any
 from ..audit import AuditSink, Identity, NullAudit
 from ..config import Settings
 from ..ops import metrics
-from . import spill
-from .audit_writer import AuditWriter, write_batch
+from . import journal, spill
+from .audit_writer import AuditWriter, Durability, write_batch
 from .card_ids import CardIds
 from .db import Database, SchemaTooNew, StoreUnavailable, database_url, safe_url
 from .feedback_store import FeedbackItem, SaveResult, save_feedback
@@ -34,12 +34,19 @@ class Store:
     """Everything the app keeps in the database. Nothing connects until first use, in the process that uses it."""
 
     def __init__(
-        self, db: Database, *, audit: bool = True, spill_dir: Path | None = None, card_id_key: str | None = None
+        self,
+        db: Database,
+        *,
+        audit: bool = True,
+        spill_dir: Path | None = None,
+        card_id_key: str | None = None,
+        durability: Durability = "sync",
     ) -> None:
         self.db = db
-        # Audit records the database could not take before a process exited (None: none are kept).
+        # Audit records the database could not take before a process exited, and (sync durability) each process's
+        # journal of records not yet in the database (None: neither is kept).
         self.spill_dir = spill_dir
-        self.writer = AuditWriter(db, self.ensure_schema, spill_dir=spill_dir)
+        self.writer = AuditWriter(db, self.ensure_schema, spill_dir=spill_dir, durability=durability)
         self.audit: AuditSink = self.writer if audit else NullAudit()
         self.jti_store = DatabaseJtiStore(db, self.ensure_schema)
         self.card_ids = CardIds(db, self.ensure_schema, card_id_key)
@@ -95,12 +102,17 @@ class Store:
             self.db.dispose()
 
     def replay_spill(self, folder: Path | None = None) -> spill.ReplayResult:
-        """Write spilled audit records (from `folder`, default the spill folder) to the database, idempotently."""
+        """Write spilled audit records and the journals of processes that ended (from `folder`, default the spill
+        folder) to the database, idempotently on the call id."""
         folder = folder or self.spill_dir
         if folder is None:
             return spill.ReplayResult()
         result = spill.replay(
-            self.db, folder, lambda conn, entries: write_batch(conn, self.db.backend, entries), self.ensure_schema
+            self.db,
+            folder,
+            lambda conn, entries: write_batch(conn, self.db.backend, entries),
+            self.ensure_schema,
+            (spill.PATTERN, journal.PATTERN),
         )
         metrics.audit_written(result.inserted, from_spill=True)
         return result
@@ -146,13 +158,17 @@ class Store:
         return body.get("status") != "degraded", body
 
     def _describe(self, problem: str | None) -> dict[str, Any]:
-        audit_ok = not isinstance(self.audit, AuditWriter) or self.writer.healthy()
+        writing = isinstance(self.audit, AuditWriter)
+        audit_ok = not writing or self.writer.healthy()
+        # A journal that cannot be appended to (a full disk): calls answer, but not durably.
+        disk = self.writer.journal_problem() if writing else None
+        status = "ok" if problem is None and audit_ok else "unreachable" if problem else "audit writes failing"
         store: dict[str, Any] = {
             "backend": self.db.backend,
-            "status": "ok" if problem is None and audit_ok else "unreachable" if problem else "audit writes failing",
+            "status": "audit journal failing" if disk and status == "ok" else status,
         }
-        if problem:
-            store["error"] = problem
+        if problem or disk:
+            store["error"] = "; ".join(filter(None, [problem, disk]))
         store["audit"] = self.writer.stats() if isinstance(self.audit, AuditWriter) else "off"
         if self.spill_dir is not None and (waiting := len(spill.pending_files(self.spill_dir))):
             # Spilled by workers that stopped while the database was down: the next start writes them.
@@ -186,10 +202,16 @@ class Store:
         def post_fork(_server: Any, _worker: Any) -> None:
             self.db.after_fork()
 
+        def post_worker_init(_worker: Any) -> None:
+            # The writer starts with the worker: it replays the journal a killed worker left, without waiting
+            # for this worker's first call.
+            if isinstance(self.audit, AuditWriter):
+                self.writer.start()
+
         def worker_exit(_server: Any, _worker: Any) -> None:
             self.writer.close()  # what the database does not take in time goes to the spill folder
 
-        return {"post_fork": post_fork, "worker_exit": worker_exit}
+        return {"post_fork": post_fork, "post_worker_init": post_worker_init, "worker_exit": worker_exit}
 
     def close(self) -> None:
         self.writer.close()
@@ -197,11 +219,18 @@ class Store:
 
 
 def open_store(settings: Settings, instance_path: str | os.PathLike[str]) -> Store:
-    """The Store for the settings (CDS_DATABASE_URL, CDS_AUDIT, CDS_AUDIT_SPILL_DIR); connects lazily."""
+    """The Store for the settings (CDS_DATABASE_URL, CDS_AUDIT, CDS_AUDIT_SPILL_DIR, CDS_AUDIT_DURABILITY); connects
+    lazily."""
     known_revisions()  # read the migration scripts now, once, rather than on a hook's first audit write
     spill_dir = Path(settings.audit_spill_dir or Path(instance_path) / "audit-spill")
     db = Database(database_url(settings.database_url, instance_path))
-    return Store(db, audit=settings.audit, spill_dir=spill_dir, card_id_key=settings.card_id_key or None)
+    return Store(
+        db,
+        audit=settings.audit,
+        spill_dir=spill_dir,
+        card_id_key=settings.card_id_key or None,
+        durability=settings.audit_durability,
+    )
 
 
 @atexit.register

@@ -10,7 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Connection, String, Table
 from sqlalchemy.dialects import postgresql, sqlite
@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from ..audit import CallRecord
 from ..ops import metrics
+from . import journal as journal_module
 from . import spill
 from .db import Database, SchemaTooNew, StoreUnavailable, short_error
 from .models import audit_call, audit_card
@@ -26,6 +27,12 @@ log = logging.getLogger(__name__)
 
 _FLUSH = object()
 _STOP = object()
+# How often an idle writer looks for journals and spill files of processes that ended (a worker killed by
+# SIGKILL leaves its journal): the first look is at the writer's start; while the database refuses them, less often.
+_SCAN_INTERVAL = 2.0
+_SCAN_BACKOFF_MAX = 8.0
+
+Durability = Literal["sync", "async"]
 
 
 def clean(value: Any, limit: int | None = None) -> Any:
@@ -148,6 +155,7 @@ class _ProcessState:
     stats: AuditStats = field(default_factory=AuditStats)
     stop_at: float | None = None  # set by close(): give up retrying after this monotonic time
     stopping: threading.Event = field(default_factory=threading.Event)
+    journal: journal_module.Journal | None = None  # sync durability: records are on disk before the call answers
     writing: list[tuple[str, CallRecord]] = field(default_factory=list)  # the batch the thread is writing now
     given_up: list[tuple[str, CallRecord]] = field(default_factory=list)  # batches not written by stop_at
 
@@ -161,6 +169,7 @@ class AuditWriter:
         ensure_schema: Any,
         *,
         spill_dir: Path | None = None,
+        durability: Durability = "sync",
         batch_window: float = 0.2,
         max_batch: int = 500,
         max_pending: int = 100_000,
@@ -169,6 +178,9 @@ class AuditWriter:
         self._ensure_schema = ensure_schema
         # Where records still unwritten at close() go (None: they are lost, and logged).
         self.spill_dir = spill_dir
+        # sync: each record is appended to this process's journal in spill_dir (fsynced) before record() returns;
+        # async: records wait in memory only (a SIGKILL loses those not written yet). No folder, no journal.
+        self.durability: Durability = durability
         self.batch_window = batch_window
         self.max_batch = max_batch
         self.max_pending = max_pending
@@ -179,6 +191,11 @@ class AuditWriter:
     def record(self, call: CallRecord) -> None:
         try:
             state = self._process_state(start=True)
+            call_id = str(uuid.uuid4())
+            if state.journal is not None:
+                # On disk before the call answers; should the queue below be full, the journal keeps it for the
+                # replay after this process ends.
+                state.journal.append(call_id, call)
             stats = state.stats
             with state.done:
                 if stats.pending >= self.max_pending:
@@ -194,7 +211,7 @@ class AuditWriter:
                 if dropped == 1 or dropped % 1000 == 0:
                     log.error("audit queue full (%d records waiting): %d records dropped", self.max_pending, dropped)
                 return
-            state.queue.put((str(uuid.uuid4()), call))
+            state.queue.put((call_id, call))
             metrics.audit_queued()
         except Exception:  # the hook must answer whatever happens to its audit record
             log.exception("could not queue an audit record")
@@ -210,6 +227,8 @@ class AuditWriter:
                     # A new process (first use, or a gunicorn worker after fork): the parent's queue, locks and
                     # thread do not carry over, so start afresh.
                     state = _ProcessState(pid=pid)
+                    if self.durability == "sync" and self.spill_dir is not None:
+                        state.journal = journal_module.Journal(self.spill_dir)
                     self._state = state
         if start and state.thread is None:
             with self._lock:
@@ -220,13 +239,30 @@ class AuditWriter:
                     state.thread.start()
         return state
 
+    def start(self) -> None:
+        """Start this process's writer now (a gunicorn worker at its start): it replays what processes that ended
+        left behind without waiting for a first call."""
+        self._process_state(start=True)
+
     def stats(self) -> dict[str, Any]:
         state = self._process_state(start=False)
         with state.done:
-            return state.stats.as_dict()
+            out = state.stats.as_dict()
+        out["durability"] = self.durability if state.journal is not None else "async"
+        if state.journal is not None:
+            out["journal"] = state.journal.describe()
+        return out
 
     def healthy(self) -> bool:
         return self._process_state(start=False).stats.failing_since is None
+
+    def journal_problem(self) -> str | None:
+        """Why records cannot be made durable before their call answers (a full disk), else None."""
+        state = self._process_state(start=False)
+        if state.journal is None:
+            return None
+        state.journal.recheck()
+        return state.journal.problem()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every record queued so far is written (or dropped); False if time ran out."""
@@ -262,9 +298,28 @@ class AuditWriter:
             if self._state is state:
                 self._state = None  # a record after close() starts a new writer
         leftovers = self._leftovers(state)
+        kept: list[Path] = []
+        journaled: list[tuple[str, CallRecord]] = []
+        if state.journal is not None:
+            # Journaled records need no spill: their journal stays, unlocked, for the next replay.
+            journaled = [entry for entry in leftovers if state.journal.holds(entry[0])]
+            leftovers = [entry for entry in leftovers if not state.journal.holds(entry[0])]
+            kept = state.journal.close()
+            with state.done:
+                state.stats.spilled += len(journaled)
+            if journaled:
+                metrics.audit_spilled(len(journaled))
         spilled_to = self._spill(state, leftovers) if leftovers else None
         with state.done:
             lost = state.stats.pending
+        if kept:
+            log.warning(
+                "audit: %d answered calls could not be written before exit (%s); they stay in the journal %s, "
+                "written to the database on the next start",
+                len(journaled),
+                state.stats.last_error,
+                ", ".join(path.name for path in kept),
+            )
         if lost:
             metrics.audit_failed(lost)
             log.error("audit: %d answered calls could not be written before exit (%s)", lost, state.stats.last_error)
@@ -276,7 +331,7 @@ class AuditWriter:
                 state.stats.last_error,
                 spilled_to,
             )
-        else:
+        elif not kept:
             log.info("audit: all %d records of this process written", state.stats.written)
 
     def _leftovers(self, state: _ProcessState) -> list[tuple[str, CallRecord]]:
@@ -308,9 +363,16 @@ class AuditWriter:
     # -- the writer thread ---------------------------------------------------------------------------------------
     def _run(self, state: _ProcessState) -> None:
         stop = False
+        next_scan, scan_wait = time.monotonic(), _SCAN_INTERVAL
         while not stop:
             batch: list[tuple[str, CallRecord]] = []
-            item = state.queue.get()
+            if time.monotonic() >= next_scan and not state.stopping.is_set():
+                scan_wait = _SCAN_INTERVAL if self._replay_ended() else min(scan_wait * 2, _SCAN_BACKOFF_MAX)
+                next_scan = time.monotonic() + scan_wait
+            try:
+                item = state.queue.get(timeout=max(0.0, next_scan - time.monotonic()))
+            except queue.Empty:
+                continue
             deadline = time.monotonic() + self.batch_window
             while True:
                 if item is _STOP:
@@ -330,20 +392,49 @@ class AuditWriter:
                 part = batch[start : start + self.max_batch]
                 with state.done:
                     state.writing = part
+                settled = True
                 try:
                     if not self._write_with_retry(state, part):
+                        settled = False
                         with state.done:
-                            state.given_up.extend(part)  # close() spills them
+                            state.given_up.extend(part)  # close() spills them (or leaves them in the journal)
                 except Exception:  # never let the writer thread die: later records still need writing
                     log.exception("audit writer failed on a batch of %d records", len(batch))
                     with state.done:
                         state.stats.dropped += len(part)
                     metrics.audit_failed(len(part))
                 finally:
+                    if settled and state.journal is not None:
+                        # Stored (or refused, which a replay would repeat): their journal lines are done.
+                        state.journal.settle([call_id for call_id, _ in part])
                     with state.done:
                         state.writing = []
             with state.done:
                 state.done.notify_all()
+
+    def _replay_ended(self) -> bool:
+        """Write the journals and spill files that processes which ended left in the folder; False when the
+        database refused them (they stay for the next look)."""
+        if self.spill_dir is None:
+            return True
+        patterns = (journal_module.PATTERN, spill.PATTERN)
+        if not any(journal_module.pending_files(self.spill_dir)) and not spill.pending_files(self.spill_dir):
+            return True
+        try:
+            result = spill.replay(
+                self.db,
+                self.spill_dir,
+                lambda conn, entries: write_batch(conn, self.db.backend, entries),
+                self._ensure_schema,
+                patterns,
+                quiet=True,
+            )
+        except Exception:  # a folder it cannot read: log it, keep writing this process's records
+            log.exception("audit: replaying %s failed", self.spill_dir)
+            return False
+        if result.inserted:
+            metrics.audit_written(result.inserted, from_spill=True)
+        return result.failed_files == 0
 
     def _write_with_retry(self, state: _ProcessState, batch: list[tuple[str, CallRecord]]) -> bool:
         """Write the batch, retrying while the database is unreachable; False when close()'s deadline passed first."""

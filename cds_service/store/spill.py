@@ -85,11 +85,11 @@ def spill(folder: Path, entries: Entries) -> tuple[Path | None, int]:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_folder(folder)  # the new file's name must survive a power cut as well as its content
+    fsync_folder(folder)  # the new file's name must survive a power cut as well as its content
     return path, len(lines)
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -107,29 +107,44 @@ class ReplayResult:
     failed_files: int = 0  # the database refused the file: kept for the next attempt
 
 
-def pending_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob(PATTERN)) if folder.is_dir() else []
+def pending_files(folder: Path, pattern: str = PATTERN) -> list[Path]:
+    return sorted(folder.glob(pattern)) if folder.is_dir() else []
 
 
-def replay(db: Database, folder: Path, write: Writer, ensure_schema: Callable[[], None]) -> ReplayResult:
+def replay(
+    db: Database,
+    folder: Path,
+    write: Writer,
+    ensure_schema: Callable[[], None],
+    patterns: tuple[str, ...] = (PATTERN,),
+    *,
+    quiet: bool = False,
+) -> ReplayResult:
     """Write every spilled record in `folder` to the database, one transaction per file, then delete the file.
+
+    `patterns`: the files to take (spill files; journals of processes that ended are read the same way). `quiet`:
+    a failure to write a file is logged at debug level (a live worker retrying in the background while the
+    database is down), not as an error each time.
 
     Idempotent on the call id (INSERT ... ON CONFLICT DO NOTHING): a file replayed twice, or a record that did reach
     the database before its process gave up, is stored once. The file goes only after the commit; lines that are
     not whole records (a write cut short) are kept beside it as `<name>.rejected` for a person to look at.
     """
     result = ReplayResult()
-    for path in pending_files(folder):
+    for path in sorted({p for pattern in patterns for p in pending_files(folder, pattern)}):
         with _locked(path) as handle:
             if handle is None:
                 result.skipped_files += 1
                 continue
+            if os.fstat(handle.fileno()).st_nlink == 0:
+                continue  # another process replayed and removed it while this one waited to open it
             entries, rejected = _read(handle.read(), path)
             try:
                 ensure_schema()
                 inserted = _write_file(db, entries, write)
             except Exception as exc:  # keep the file: the next start (or the operator) tries again
-                log.error("audit spill %s could not be written to the database (kept for a retry): %s", path, exc)
+                level = logging.DEBUG if quiet else logging.ERROR
+                log.log(level, "audit spill %s could not be written to the database (kept for a retry): %s", path, exc)
                 result.failed_files += 1
                 continue
             if rejected:
@@ -140,7 +155,7 @@ def replay(db: Database, folder: Path, write: Writer, ensure_schema: Callable[[]
                     os.fsync(out.fileno())
                 log.error("audit spill %s: %d lines are not records; kept in %s", path, len(rejected), rejected_path)
             path.unlink()
-            _fsync_folder(folder)
+            fsync_folder(folder)
         result.files += 1
         result.records += len(entries)
         result.inserted += inserted
@@ -157,7 +172,12 @@ def replay(db: Database, folder: Path, write: Writer, ensure_schema: Callable[[]
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[Any]:
     """The file opened and exclusively locked, or None when another process holds it (still writing it)."""
-    with open(path, "rb") as handle:
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 (closed by the with below)
+    except FileNotFoundError:  # replayed and removed by another process since the folder was listed
+        yield None
+        return
+    with handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -172,9 +192,13 @@ def _read(data: bytes, path: Path) -> tuple[Entries, list[bytes]]:
     for line in data.splitlines(keepends=True):
         if not line.strip():
             continue
+        if not line.endswith(b"\n"):
+            # A process killed (or a disk filled) in the middle of a write: that record's call never answered
+            # (its line was not on disk), so there is nothing to write. Kept beside the file for a person to see.
+            log.warning("audit file %s: torn last line (%d bytes) skipped", path.name, len(line))
+            rejected.append(line + b"\n")
+            continue
         try:
-            if not line.endswith(b"\n"):
-                raise ValueError("the last line was cut short")
             entries.append(decode(line))
         except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
             log.error("audit spill %s: a line is not a record (%s)", path.name, exc)
