@@ -53,7 +53,12 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         behaviour.requests.append(
-            {"path": url.path, "query": query, "authorization": self.headers.get("Authorization")}
+            {
+                "path": url.path,
+                "query": query,
+                "authorization": self.headers.get("Authorization"),
+                "traceparent": self.headers.get("traceparent"),
+            }
         )
         if behaviour.hang:
             behaviour.released.wait(60)

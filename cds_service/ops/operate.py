@@ -14,7 +14,7 @@ from flask import Flask, Response, request
 
 from ..audit import AuditSink, CallRecord
 from ..web.errors import ServiceError
-from . import logs, metrics
+from . import logs, metrics, tracing
 from .reload import PolicyReloader
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ class ObservedAudit:
 def install(app: Flask, settings: dict[str, Any], started: float) -> None:
     """Called by create_app once the runtime exists."""
     rt = app.extensions["cds"]
+    # Traces when the OTEL_* variables ask for them (tracing.wanted); a ConfigError stops start-up.
+    tracing.setup()
     m = metrics.Metrics() if settings["METRICS"] else None
     metrics.install(m)
     rt.audit = ObservedAudit(rt.audit)
@@ -59,6 +61,8 @@ def install(app: Flask, settings: dict[str, Any], started: float) -> None:
         "post_fork": lambda _server, _worker: m.after_fork() if m is not None else None,
         "post_worker_init": lambda _worker: reloader.start_watching(),
         "child_exit": lambda _server, worker: metrics.mark_process_dead(worker.pid),
+        # A worker's last spans are still batched when it stops: send them first.
+        "worker_exit": lambda _server, _worker: tracing.flush(),
     }
     options = combine_hooks(app.extensions.get("cds_server_hooks", {}), hooks)
     if settings["LOG_FORMAT"] == "json":

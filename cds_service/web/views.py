@@ -13,8 +13,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from ..audit import CallRecord
 from ..auth.tokens import AuthError, Identity
 from ..calls import answer
-from ..engine import InvalidRequest, crd, parse_hook_request, parse_json
-from ..ops import metrics
+from ..engine import InvalidRequest, Service, crd, parse_hook_request, parse_json
+from ..ops import metrics, tracing
 from ..runtime import Runtime
 from .errors import BadRequest, ServiceError
 
@@ -109,17 +109,25 @@ def call_service(service_id: str) -> Response:
     if service is None:
         raise ServiceError(404, f"No CDS service with id '{service_id[:64]}'; see GET /cds-services.")
     record = CallRecord(service_id=service_id, hook=service.hook)
+    with tracing.call_span(record, request.headers):
+        return _answer_call(rt, service, record, started)
+
+
+def _answer_call(rt: Runtime, service: Service, record: CallRecord, started: float) -> Response:
     try:
-        authenticate(rt, f"/cds-services/{service_id}", record)
-        body = read_json()
-        try:
-            hook_request = parse_hook_request(body, service)
-        except InvalidRequest as exc:
-            raise BadRequest(exc.message, expression=exc.expression) from None
+        authenticate(rt, f"/cds-services/{service.id}", record)
+        with tracing.span(tracing.PARSE_SPAN):
+            body = read_json()
+            # Known before the body is judged valid: a refused call's log line and audit record name it too.
+            record.hook_instance = readable_hook_instance(body)
+            try:
+                hook_request = parse_hook_request(body, service)
+            except InvalidRequest as exc:
+                raise BadRequest(exc.message, expression=exc.expression) from None
         record.hook_instance = hook_request.hook_instance
         record.user_id = hook_request.user_id
         record.patient_id = hook_request.patient_id
-        outcome = answer(hook_request, service, rt.coverage, new_uuid=lambda: rt.card_id(service_id))
+        outcome = answer(hook_request, service, rt.coverage, new_uuid=lambda: rt.card_id(service.id))
     except ServiceError as exc:
         _audit_failure(rt, record, started, exc.status, exc.message)
         raise
@@ -136,8 +144,25 @@ def call_service(service_id: str) -> Response:
     record.notes = outcome.notes
     response = json_response(outcome.response())
     record.duration_ms = (time.perf_counter() - started) * 1000
-    rt.audit.record(record)
+    _audit(rt, record)
     return response
+
+
+# The audit log's column for it holds 200 characters; a longer "hookInstance" is not one a client would send.
+_MAX_HOOK_INSTANCE = 200
+
+
+def readable_hook_instance(body: Any) -> str | None:
+    """The body's hookInstance when it is a non-empty string of printable characters (at most 200), else None."""
+    value = body.get("hookInstance") if isinstance(body, dict) else None
+    if isinstance(value, str) and 0 < len(value) <= _MAX_HOOK_INSTANCE and value.isprintable():
+        return value
+    return None
+
+
+def _audit(rt: Runtime, record: CallRecord) -> None:
+    with tracing.span(tracing.AUDIT_SPAN):
+        rt.audit.record(record)
 
 
 def _audit_failure(rt: Runtime, record: CallRecord, started: float, status: int, reason: str) -> None:
@@ -145,7 +170,7 @@ def _audit_failure(rt: Runtime, record: CallRecord, started: float, status: int,
     record.status = status
     record.error = record.error or reason
     record.duration_ms = (time.perf_counter() - started) * 1000
-    rt.audit.record(record)
+    _audit(rt, record)
 
 
 @bp.get("/health")
