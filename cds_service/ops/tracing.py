@@ -108,8 +108,9 @@ def setup(environ: Mapping[str, str] | None = None) -> bool:
         if name == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            # Endpoint, headers, timeout, compression: OTEL_EXPORTER_OTLP_[TRACES_]* as the exporter documents.
-            exporter = OTLPSpanExporter()
+            # Headers, timeout, compression: OTEL_EXPORTER_OTLP_[TRACES_]* as the exporter documents; the endpoint
+            # from the same variables, read here from `environ` (the ones that turned tracing on).
+            exporter = OTLPSpanExporter(endpoint=_traces_endpoint(env))
         else:
             exporter = ConsoleSpanExporter()
         # Batched in a thread of its own (OTEL_BSP_* settings): a call never waits for the collector.
@@ -117,6 +118,16 @@ def setup(environ: Mapping[str, str] | None = None) -> bool:
     use(provider)
     log.info("tracing on: OpenTelemetry spans exported with %s", ", ".join(exporters))
     return True
+
+
+def _traces_endpoint(env: Mapping[str, str]) -> str | None:
+    """OTEL_EXPORTER_OTLP_TRACES_ENDPOINT as given, else OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces (the OTLP/HTTP
+    rule); None: the exporter's default, http://localhost:4318/v1/traces."""
+    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if traces:
+        return traces
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    return f"{base.rstrip('/')}/v1/traces" if base else None
 
 
 def use(provider: TracerProvider | None) -> None:
@@ -131,6 +142,14 @@ def use(provider: TracerProvider | None) -> None:
     _tracer = provider.get_tracer(INSTRUMENTATION)
     # W3C trace context only (traceparent, tracestate): never baggage, whose contents the EHR chose, to a FHIR server.
     _propagator = TraceContextTextMapPropagator()
+
+
+def stop() -> None:
+    """Send what is batched, stop the exporter's thread and turn tracing off (benchmarks, tests)."""
+    provider = _provider
+    use(None)
+    if provider is not None:
+        provider.shutdown()
 
 
 def enabled() -> bool:
