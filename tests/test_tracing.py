@@ -23,12 +23,14 @@ from opentelemetry.trace import SpanKind, StatusCode
 from cds_service import create_app
 from cds_service.config import ConfigError
 from cds_service.ops import tracing
+from cds_service.store.models import audit_call
 
 from . import builders as b
 from .conftest import SIGN
 from .fhir_server import FhirBehaviour, coverage, fhir_server
 from .otlp_receiver import otlp_receiver
 from .process_support import running_server
+from .store_support import table_rows
 
 TOKEN = "fhir-token-for-tracing-SECRET-77"
 PATIENT = "pat-trace-4711"
@@ -301,3 +303,29 @@ def test_the_real_server_sends_the_call_s_spans_to_an_otlp_receiver(tmp_path: Pa
     assert_no_patient_data([s.attributes for s in received.spans])
     assert TOKEN not in log.read_text()
     assert os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") is None  # nothing leaked into this process
+
+
+@pytest.mark.parametrize(
+    ("hook_instance", "kept"),
+    [
+        ("d5b2e0a4-0c0e-4b1e-9a57-3f1c6c1d2e10", True),
+        ("not-a-uuid-but-readable", True),
+        ("x" * 201, False),
+        ("line\nbreak", False),
+        (42, False),
+        ("", False),
+    ],
+)
+def test_a_refused_call_names_only_a_readable_hook_instance(
+    tmp_path: Path, exporter: InMemorySpanExporter, hook_instance: Any, kept: bool
+) -> None:
+    body = b.hook_request("order-sign", [b.service_request("x", text="CBC")]) | {"hookInstance": hook_instance}
+    del body["context"]
+    app = make_app(tmp_path)
+    assert app.test_client().post(f"/cds-services/{SIGN}", json=body).status_code == 400
+    [call] = [s for s in exporter.get_finished_spans() if s.name == tracing.CALL_SPAN]
+    assert dict(call.attributes or {}).get("cds.hook_instance") == (hook_instance if kept else None)
+    store = app.extensions["cds_store"]
+    assert store.writer.flush(10)
+    [row] = table_rows(f"sqlite:///{tmp_path / 'trace.sqlite3'}", audit_call)
+    assert row.hook_instance == (hook_instance if kept else None)
