@@ -8,6 +8,7 @@ from datetime import date
 from .engine import HookRequest, Outcome, Service, assess, respond
 from .engine.referenced import ENCOUNTER_START, complete
 from .fhir.client import CoverageFinder
+from .ops import tracing
 
 
 def answer(
@@ -33,10 +34,13 @@ def answer(
         if coverage is not None:
             outcome.notes.append(coverage.warm(request, service.prefetch))
         return outcome
-    assessment = assess(request, service)
+    with tracing.span(tracing.ENGINE_SPAN):
+        assessment = assess(request, service)
     found = None
     if assessment.flagged and coverage is not None:
+        # Each read from the FHIR server is a span of its own (fhir/client.py), a sibling of the engine's.
         coverage.require(request, service.prefetch)
         if assessment.wants_coverage:
             found = coverage.resolve(request, service.prefetch)
-    return respond(assessment, found, today or date.today(), new_uuid)
+    with tracing.span(tracing.RESPOND_SPAN):
+        return respond(assessment, found, today or date.today(), new_uuid)

@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "ACCESS_LOG": None,  # None: on with LOG_FORMAT=json, off with text
     "METRICS": True,  # GET /metrics (Prometheus)
     "METRICS_TOKEN": None,  # when set, /metrics wants `Authorization: Bearer <token>`
+    "AUDIT_EXPORT_TOKEN": None,  # bearer token for `cds-service audit export --to URL` (never logged)
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -109,8 +110,9 @@ def normalise(settings: dict[str, Any]) -> dict[str, Any]:
     access = out["ACCESS_LOG"]
     out["ACCESS_LOG"] = out["LOG_FORMAT"] == "json" if access is None else as_bool("ACCESS_LOG", access)
     out["METRICS"] = as_bool("METRICS", out["METRICS"])
-    token = out["METRICS_TOKEN"]
-    out["METRICS_TOKEN"] = (str(token).strip() or None) if token is not None else None
+    for name in ("METRICS_TOKEN", "AUDIT_EXPORT_TOKEN"):
+        token = out[name]
+        out[name] = (str(token).strip() or None) if token is not None else None
     issuers = out["TRUSTED_ISSUERS"]
     # A path to the issuers JSON file (read by auth.build_authenticator); empty means none.
     out["TRUSTED_ISSUERS"] = (str(issuers).strip() or None) if issuers is not None else None
@@ -171,6 +173,7 @@ class Settings:
     access_log: bool
     metrics: bool
     metrics_token: str | None
+    audit_export_token: str | None  # `cds-service audit export --to URL` (never logged)
 
     @classmethod
     def load(cls, config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -44,6 +44,9 @@ class FhirBehaviour:
     # requests with a status instead (a 500 for ServiceRequest while Coverage answers).
     resources: list[dict[str, Any]] = field(default_factory=list)
     failing: dict[str, int] = field(default_factory=dict)
+    # Resources written by batch Bundles (POST to the base URL), by "Type/id", and the batches received.
+    stored: dict[str, dict[str, Any]] = field(default_factory=dict)
+    batches: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -57,7 +60,12 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         behaviour.requests.append(
-            {"path": url.path, "query": query, "authorization": self.headers.get("Authorization")}
+            {
+                "path": url.path,
+                "query": query,
+                "authorization": self.headers.get("Authorization"),
+                "traceparent": self.headers.get("traceparent"),
+            }
         )
         if behaviour.hang:
             behaviour.released.wait(60)
@@ -122,6 +130,63 @@ class _Handler(BaseHTTPRequestHandler):
             404, {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found"}]}
         )
 
+    def do_POST(self) -> None:
+        """A batch Bundle of PUTs by id, as a FHIR server takes it; each resource validated (FHIR R4B models, whose
+        AuditEvent is R4's) before it is stored."""
+        behaviour = self.server.behaviour
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        behaviour.batches.append(
+            {
+                "path": urlsplit(self.path).path,
+                "authorization": self.headers.get("Authorization"),
+                "contentType": self.headers.get("Content-Type"),
+                "entries": len(body.get("entry") or []),
+            }
+        )
+        if behaviour.token is not None and self.headers.get("Authorization") != f"Bearer {behaviour.token}":
+            return self._send(
+                401, {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "login"}]}
+            )
+        if behaviour.status != 200:
+            return self._send(
+                behaviour.status,
+                {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "exception"}]},
+            )
+        if body.get("resourceType") != "Bundle" or body.get("type") != "batch":
+            return self._send(
+                400,
+                {
+                    "resourceType": "OperationOutcome",
+                    "issue": [{"severity": "error", "code": "invalid", "diagnostics": "expected a batch Bundle"}],
+                },
+            )
+        entries: list[dict[str, Any]] = []
+        for entry in body.get("entry") or []:
+            resource, request = entry.get("resource") or {}, entry.get("request") or {}
+            key = f"{resource.get('resourceType')}/{resource.get('id')}"
+            if request.get("method") != "PUT" or request.get("url") != key:
+                entries.append({"response": {"status": "400 Bad Request"}})
+                continue
+            try:
+                _validate(resource)
+            except ValueError as exc:
+                entries.append(
+                    {
+                        "response": {
+                            "status": "400 Bad Request",
+                            "outcome": {
+                                "resourceType": "OperationOutcome",
+                                "issue": [{"severity": "error", "code": "invalid", "diagnostics": str(exc)[:500]}],
+                            },
+                        }
+                    }
+                )
+                continue
+            created = key not in behaviour.stored
+            behaviour.stored[key] = resource
+            entries.append({"response": {"status": "201 Created" if created else "200 OK", "location": key}})
+        return self._send(200, {"resourceType": "Bundle", "type": "batch-response", "entry": entries})
+
     def _send(self, status: int, body: dict[str, Any]) -> None:
         behaviour = self.server.behaviour
         data = json.dumps(body).encode() + b" " * behaviour.padding
@@ -150,6 +215,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 if behaviour.released.wait(behaviour.drip):
                     return
+
+
+def _validate(resource: dict[str, Any]) -> None:
+    """ValueError (pydantic's ValidationError) when the resource is not a valid FHIR resource of its type."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    get_fhir_model_class(str(resource.get("resourceType"))).model_validate(resource)
 
 
 class _Server(ThreadingHTTPServer):

@@ -274,7 +274,8 @@ def test_json_logs_are_one_object_per_line_and_call_lines_carry_the_call(tmp_pat
     ok = by_path[(f"/cds-services/{SIGN}", 200)]
     assert (ok["service"], ok["hookInstance"]) == (SIGN, body["hookInstance"])
     refused = by_path[(f"/cds-services/{SIGN}", 400)]
-    assert refused["service"] == SIGN and refused["hookInstance"] is None
+    # Refused, yet its body named a hookInstance: the line carries it.
+    assert (refused["service"], refused["hookInstance"]) == (SIGN, bad["hookInstance"])
     assert (
         "service" not in by_path[("/cds-services/unknown", 404)]
         or by_path[("/cds-services/unknown", 404)]["service"] is None
@@ -287,4 +288,6 @@ def test_json_logs_are_one_object_per_line_and_call_lines_carry_the_call(tmp_pat
     # gunicorn's own start and stop lines are JSON too.
     messages = [line["message"] for line in lines if line["logger"] == "gunicorn.error"]
     assert any(m.startswith("Booting worker") for m in messages)
+    # The start-up line names where the service listens (with reuse_port gunicorn's master holds no socket to name).
+    assert any(m == f"Listening at: {base} ({process.pid})" for m in messages), messages
     assert any("Shutting down" in m or "Handling signal: term" in m for m in messages)

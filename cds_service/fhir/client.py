@@ -27,7 +27,7 @@ from ..engine.crd import (
 )
 from ..engine.orders import as_list
 from ..errors import ServiceError
-from ..ops import metrics
+from ..ops import metrics, tracing
 from ..ops.call_pool import blocking_io
 from .breaker import BreakerBoard, BreakerOpen, BreakerSettings, server_key
 from .coverage_cache import CoverageCache
@@ -249,6 +249,7 @@ class _Read:
         self.done = threading.Event()
         self.resources: list[dict[str, Any]] = []
         self.error: FetchError | None = None
+        self.trace_headers: dict[str, str] = {}
 
 
 class FhirReader:
@@ -285,6 +286,18 @@ class FhirReader:
         even where no socket timeout reaches (a name lookup that hangs). The read's sockets keep the same deadline,
         so the thread ends by itself too; the slots bound how many can be in flight.
         """
+        with tracing.fhir_read_span(base, query) as span:
+            try:
+                resources = self._read(base, query, token)
+            except FetchError as exc:
+                span.set_attribute("cds.fhir.outcome", "skipped" if exc.skipped else "error")
+                span.set_attribute("cds.fhir.reason", str(exc))  # safe: no token, no patient data (FetchError)
+                raise
+            span.set_attribute("cds.fhir.outcome", "ok")
+            span.set_attribute("cds.fhir.resources", len(resources))
+            return resources
+
+    def _read(self, base: str, query: str, token: str | None) -> list[dict[str, Any]]:
         if self.settings.offline:
             raise FetchError(OFFLINE, skipped=True)
         base = self.check_server(base)
@@ -300,6 +313,8 @@ class FhirReader:
             raise
         deadline = time.monotonic() + self.settings.timeout
         job = _Read()
+        # The read runs in another thread: the current span's traceparent is taken here, in the call's thread.
+        job.trace_headers = tracing.trace_headers()
         try:
             threading.Thread(
                 target=self._run, args=(job, server, base, query, token, deadline), name="cds-fhir-read", daemon=True
@@ -327,7 +342,7 @@ class FhirReader:
     def _run(self, job: _Read, server: str, base: str, query: str, token: str | None, deadline: float) -> None:
         _deadline.at = deadline
         try:
-            job.resources = self._read_pages(base, query, token, deadline)
+            job.resources = self._read_pages(base, query, token, deadline, job.trace_headers)
         except FetchError as exc:
             job.error = exc
         except Exception as exc:  # a bug must not leave the caller waiting to the deadline or lose the slot
@@ -340,9 +355,11 @@ class FhirReader:
             self.slots.give(server)
             job.done.set()
 
-    def _read_pages(self, base: str, query: str, token: str | None, deadline: float) -> list[dict[str, Any]]:
+    def _read_pages(
+        self, base: str, query: str, token: str | None, deadline: float, trace_headers: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
         url: str | None = urljoin(base, query.lstrip("/"))
-        headers = {"Accept": "application/fhir+json, application/json"}
+        headers = {"Accept": "application/fhir+json, application/json", **(trace_headers or {})}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         resources: list[dict[str, Any]] = []

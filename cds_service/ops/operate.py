@@ -15,7 +15,7 @@ from flask import Flask, Response, request
 from ..audit import AuditSink, CallRecord
 from ..config import Settings
 from ..errors import ServiceError
-from . import logs, metrics
+from . import logs, metrics, tracing
 from .reload import PolicyReloader
 
 if TYPE_CHECKING:
@@ -42,6 +42,8 @@ class ObservedAudit:
 def install(app: Flask, parts: Services, started: float) -> None:
     """Called by create_app once the Services exist: the reloader, /metrics, JSON log context, server hooks."""
     settings = parts.runtime.settings
+    # Traces when the OTEL_* variables ask for them (tracing.wanted); a ConfigError stops start-up.
+    tracing.setup()
     m = metrics.current()
     parts.reloader = reloader = PolicyReloader(parts, settings.policy_dir)
     if m is not None:
@@ -57,6 +59,8 @@ def install(app: Flask, parts: Services, started: float) -> None:
         "post_fork": lambda _server, _worker: m.after_fork() if m is not None else None,
         "post_worker_init": lambda _worker: reloader.start_watching(),
         "child_exit": lambda _server, worker: metrics.mark_process_dead(worker.pid),
+        # A worker's last spans are still batched when it stops: send them first.
+        "worker_exit": lambda _server, _worker: tracing.flush(),
     }
     options = combine_hooks(parts.store.server_hooks(), hooks)
     if settings.log_format == "json":

@@ -53,10 +53,13 @@ def worker_class(spare_threads: int) -> type[CallThreadWorker]:
 class Server(BaseApplication):  # type: ignore[misc]
     """gunicorn running an app built before forking, so a broken policy file stops start-up in the foreground."""
 
-    def __init__(self, app: Flask, options: dict[str, Any], on_hup: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self, app: Flask, options: dict[str, Any], on_hup: Callable[[], object] | None = None, url: str = ""
+    ) -> None:
         self.application = app
         self.options = options
         self.on_hup = on_hup
+        self.url = url
         super().__init__()
 
     def load_config(self) -> None:
@@ -74,9 +77,34 @@ class Server(BaseApplication):  # type: ignore[misc]
             sys.exit(1)
 
 
+# gunicorn's start-up line (arbiter.py), with the listeners and the master's pid.
+_LISTENING = "Listening at: %s (%s)"
+
+
+def listen_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 class _Arbiter(Arbiter):  # type: ignore[misc]
     """gunicorn's master, but SIGHUP reloads the policy files inside the running workers (reload.py) instead of
     restarting them: with reuse_port a worker's listening socket, and the connections queued on it, go with it."""
+
+    def start(self) -> None:
+        # With reuse_port the master opens no listening socket (each worker opens its own), so gunicorn's start-up
+        # line would name none ("Listening at:  (pid)"): name the URL the workers listen on instead.
+        url = self.app.url
+        info = self.log.info
+
+        def named_info(msg: str, *args: Any, **kwargs: Any) -> None:
+            if msg == _LISTENING and args and not args[0] and url:
+                args = (url, *args[1:])
+            info(msg, *args, **kwargs)
+
+        self.log.info = named_info
+        try:
+            super().start()
+        finally:
+            del self.log.info  # back to the class's method
 
     def handle_hup(self) -> None:
         on_hup = self.app.on_hup
@@ -136,4 +164,4 @@ def serve(
     # Everything built so far (policies, compiled patterns, FHIR models) lives as long as the process: move it out
     # of the garbage collector's sight, so workers neither scan it (long gen-2 pauses) nor copy it on write.
     gc.freeze()
-    Server(app, options, on_hup).run()
+    Server(app, options, on_hup, listen_url(host, port)).run()

@@ -7,6 +7,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .. import config as config_module
 from ..config import Settings
@@ -146,6 +147,75 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_token(args: argparse.Namespace, settings: Settings) -> str | None:
+    """--token-file (its first line) or CDS_AUDIT_EXPORT_TOKEN: never a command-line argument, which any local
+    user can read in the process list."""
+    if args.token_file is None:
+        return settings.audit_export_token
+    text = Path(args.token_file).read_text(encoding="utf-8").strip()
+    return text.splitlines()[0].strip() if text else None
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    """The audit log as FHIR AuditEvents: NDJSON on standard output, or PUT in batch Bundles to --to."""
+    from .audit_export import ExportError, events, ndjson, post_batches
+
+    settings = config_module.load({"AUDIT": False})
+    parts = urlsplit(args.to or "")
+    token = None
+    if args.to:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            _say(f"cds-service: --to: expected the FHIR server's base URL (https://...), got {args.to!r}", error=True)
+            return 2
+        if parts.scheme == "http" and not args.allow_http:
+            _say(
+                "cds-service: --to uses plain http: the bearer token would travel unencrypted (--allow-http)",
+                error=True,
+            )
+            return 2
+        try:
+            token = _read_token(args, settings)
+        except OSError as exc:
+            _say(f"cds-service: cannot read --token-file: {exc.strerror or exc}", error=True)
+            return 2
+    store = _store()
+    try:
+        store.ensure_schema()
+        found = events(store.db, settings.public_url, args.since, args.until)
+        if not args.to:
+            out = sys.stdout.buffer
+            for line in ndjson(found):
+                out.write(line)
+            out.flush()
+            return 0
+        where = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"  # never userinfo
+        try:
+            sent = post_batches(found, args.to, token, batch_size=args.batch_size)
+        except ExportError as exc:
+            _say(f"cds-service: export to {where} stopped: {exc}", error=True)
+            return 1
+    except (StoreUnavailable, SchemaTooNew) as exc:
+        _say(f"cds-service: {exc}", error=True)
+        return 1
+    finally:
+        store.db.dispose()
+    _say(
+        f"{sent.events} AuditEvents sent to {where} in {sent.bundles} batch Bundles: {sent.created} created, "
+        f"{sent.updated} replaced"
+    )
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 10000:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to 10000, got {text!r}")
+    return value
+
+
 def _age(text: str) -> Any:
     try:
         return parse_age(text)
@@ -175,6 +245,27 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     replay.add_argument("--dir", type=Path, help="spill folder (default: CDS_AUDIT_SPILL_DIR or the instance folder's)")
     replay.set_defaults(func=cmd_audit_replay_spill)
+
+    export = audit_sub.add_parser(
+        "export", help="the audit log as FHIR R4 AuditEvents (IHE BALP style): NDJSON, or to a FHIR server"
+    )
+    export.add_argument("--format", choices=("fhir",), default="fhir", help="fhir: AuditEvent resources (default)")
+    export.add_argument("--since", type=parse_since, metavar="DATE", help="calls from this date (UTC)")
+    export.add_argument("--until", type=parse_since, metavar="DATE", help="calls before this date (UTC)")
+    export.add_argument(
+        "--to",
+        metavar="URL",
+        help="FHIR server base URL: POST batch Bundles that PUT each AuditEvent by its id (a re-export replaces); "
+        "without it, NDJSON on standard output",
+    )
+    export.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="bearer token for --to, read from FILE (default: the setting CDS_AUDIT_EXPORT_TOKEN)",
+    )
+    export.add_argument("--batch-size", type=_positive, default=100, metavar="N", help="AuditEvents per Bundle")
+    export.add_argument("--allow-http", action="store_true", help="allow a plain http --to URL (tests, loopback)")
+    export.set_defaults(func=cmd_audit_export)
 
     report = sub.add_parser("report", help="calls, flagged orders, cards, accepts and overrides (monthly report)")
     report.add_argument("--since", type=parse_since, metavar="DATE", help="from this date (UTC); default: everything")

@@ -17,7 +17,7 @@ from ..auth.tokens import AuthError
 from ..calls import answer
 from ..engine import HookRequest, InvalidRequest, Service, parse_hook_request, parse_json
 from ..errors import BadRequest, ServiceError
-from ..ops import metrics
+from ..ops import metrics, tracing
 from ..runtime import Runtime, services_of
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,14 @@ def call_service(service_id: str) -> Response:
     service = rt.policies.services.get(service_id)
     if service is None:
         raise ServiceError(404, f"No CDS service with id '{service_id[:64]}'; see GET /cds-services.")
-    with audited(rt, CallRecord(service_id=service_id, hook=service.hook)) as record:
+    record = CallRecord(service_id=service_id, hook=service.hook)
+    with tracing.call_span(record, request.headers), audited(rt, record):
         authenticate(rt, f"/cds-services/{service_id}", record)
-        hook_request = parse_or_400(read_json(), service)
+        with tracing.span(tracing.PARSE_SPAN):
+            body = read_json()
+            # Known before the body is judged valid: a refused call's log line and audit record name it too.
+            record.hook_instance = readable_hook_instance(body)
+            hook_request = parse_or_400(body, service)
         record.hook_instance = hook_request.hook_instance
         record.user_id = hook_request.user_id
         record.patient_id = hook_request.patient_id
@@ -124,6 +129,18 @@ def parse_or_400(body: Any, service: Service) -> HookRequest:
         return parse_hook_request(body, service)
     except InvalidRequest as exc:
         raise BadRequest(exc.message, expression=exc.expression) from None
+
+
+# The audit log's column for it holds 200 characters; a longer "hookInstance" is not one a client would send.
+_MAX_HOOK_INSTANCE = 200
+
+
+def readable_hook_instance(body: Any) -> str | None:
+    """The body's hookInstance when it is a non-empty string of printable characters (at most 200), else None."""
+    value = body.get("hookInstance") if isinstance(body, dict) else None
+    if isinstance(value, str) and 0 < len(value) <= _MAX_HOOK_INSTANCE and value.isprintable():
+        return value
+    return None
 
 
 @contextmanager
@@ -144,7 +161,8 @@ def audited(rt: Runtime, record: CallRecord) -> Iterator[CallRecord]:
         raise
     finally:
         record.duration_ms = (time.perf_counter() - started) * 1000
-        rt.audit.record(record)
+        with tracing.span(tracing.AUDIT_SPAN):
+            rt.audit.record(record)
 
 
 @bp.get("/health")
