@@ -161,7 +161,7 @@ def coverage_action(verdict: Verdict, coverage_reference: str, today: date) -> A
     not-covered there is no pa-needed (removed in 2.1); "investigational" has no code, so it is not-covered plus
     the reason in text. The resource is the client's own draft, unchanged but for the added extension.
     """
-    resource = verdict.order.resource
+    resource = verdict.order.echo
     if not verdict.order.id:
         return None
     policy = verdict.policy

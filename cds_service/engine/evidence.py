@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass, field
 
 from rapidfuzz.distance import OSA
 from rapidfuzz.process import extractOne
 
 from . import context as ctx
-from .orders import Answer, OrderView
+from .orders import WORD, Answer, OrderView
 from .policy.model import CodedMeaning, Meaning, Policy, Recognition, norm_code
 from .policy.schema import ASSERTED, Assertion, EvidenceKind, Place
 from .terms import TermHit, fold, term_key
@@ -23,7 +22,9 @@ PLACE_WORDS: dict[str, str] = {
     "note": "order note",
     "instruction": "patient instructions",
     "category": "order category",
-    "performer": "performer type",
+    "performer": "performer",
+    "location": "order location",
+    "supporting_info": "supporting information",
 }
 _SYSTEM_NAMES = {"cpt": "CPT", "snomed": "SNOMED", "icd10cm": "ICD-10-CM", "icd10": "ICD-10", "loinc": "LOINC"}
 PRO_KINDS: frozenset[str] = frozenset({"billing-code", "technique", "ambiguous-technique", "anatomy"})
@@ -194,9 +195,6 @@ def _label(meaning: Meaning, written: str, place: Place) -> str:
     if meaning.kind in ("look-alike", "billing-explanation", "comparator", "other-service"):
         return f"{meaning.group} ({quote(written)} in the {where})"
     return f"{quote(written)} in the {where}"
-
-
-WORD = re.compile(r"[a-z0-9]+")  # a word of folded, lower-case text (the first pass reads words alike)
 
 
 @dataclass(frozen=True)

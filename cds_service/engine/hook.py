@@ -8,10 +8,10 @@ from datetime import date
 
 from . import crd
 from .cards import CardMaker
-from .decision import Verdict, judge_resource
+from .decision import Verdict, judge
+from .orders import read_order
 from .outcome import Outcome
 from .policy.model import Service
-from .prefilter import order_words
 from .request import HookRequest
 
 
@@ -38,8 +38,8 @@ def assess(request: HookRequest, service: Service) -> Assessment:
     """Judge every order the hook asks about against every policy of the service."""
     verdicts: list[Verdict] = []
     for draft in request.orders:
-        words = order_words(draft.readable)  # one first pass for every policy
-        verdicts.extend(judge_resource(draft.readable, policy, words, draft.resource) for policy in service.policies)
+        order = read_order(draft.readable, draft.resource)  # parsed once, judged by every policy
+        verdicts.extend(judge(order, policy) for policy in service.policies)
     return Assessment(request, service, verdicts, crd.read_configuration(request.extension))
 
 

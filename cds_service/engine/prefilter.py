@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import Any
-
-import orjson
-
-from .evidence import WORD, read_word
-from .orders import READ_FIELDS
+from .evidence import read_word
+from .orders import OrderWords, order_words
 from .policy.model import Recognition
-from .terms import fold
+
+__all__ = ["FHIR_KEYS", "OrderWords", "might_flag", "order_words"]
 
 # Element names of FHIR JSON are words of the dump too: never a candidate word, and never read as a typo.
 FHIR_KEYS = frozenset(
@@ -56,6 +51,8 @@ FHIR_KEYS = frozenset(
         "performertype",
         "performer",
         "locationcode",
+        "location",
+        "extensions",
         "reasoncode",
         "reasonreference",
         "reason",
@@ -86,33 +83,11 @@ FHIR_KEYS = frozenset(
         "instantiatesuri",
     ]
 )
-# JSON escapes for control characters would glue a letter to the next word ("\nDMX" -> "nDMX"): they become spaces.
-_ESCAPE = re.compile(r"\\[bfnrt]")
-
-
-@dataclass(frozen=True)
-class OrderWords:
-    """What the first pass reads of an order: the JSON of the elements the engine reads (also the key of the verdict
-    cache: equal content, equal verdict), its text folded, and its words."""
-
-    content: bytes
-    text: str
-    tokens: frozenset[str]
-
-
-def order_words(resource: dict[str, Any]) -> OrderWords:
-    """Every word of the order's elements the engine reads, keys included (no key is a word the policy needs): lower
-    case, no accents. One orjson dump and one token pass, both in C."""
-    content = orjson.dumps([resource.get(name) for name in READ_FIELDS])
-    text = content.decode()
-    if "\\" in text:
-        text = _ESCAPE.sub(" ", text)
-    text = fold(text)
-    return OrderWords(content, text, frozenset(WORD.findall(text.lower())))
 
 
 def might_flag(rec: Recognition, words: OrderWords) -> bool:
-    """False only when the order holds none of the words, codes or patterns every flagging rule needs."""
+    """False only when the order holds none of the words, codes or patterns of the evidence the decision table
+    tests: no evidence, so the rule that decides it by its request facts is the one the full judgement names."""
     if not rec.prefilter:
         return True
     text, tokens = words.text, words.tokens

@@ -644,12 +644,24 @@ def _needs(cond: Cond | None) -> frozenset[str] | None:
     return None
 
 
+def _kinds_in(cond: Cond | None) -> frozenset[str]:
+    """Every kind of evidence a condition tests anywhere (in all, any or unless)."""
+    if isinstance(cond, EvidenceTest):
+        return frozenset({cond.kind})
+    if isinstance(cond, Group):
+        return frozenset().union(*(_kinds_in(c) for c in (*cond.all, *cond.any, *cond.unless)))
+    return frozenset()
+
+
 def _prefilter(spec: s.Recognition, rules: tuple[Rule, ...], rec: Recognition) -> None:
-    """The words and codes without which no flagging rule can hold: the cheap pass that lets most orders (labs,
-    medications, ordinary imaging) skip the full judgement."""
+    """The words and codes without which no rule that tests evidence can hold: the cheap pass that lets most orders
+    (labs, medications, imaging of other kinds) skip the full judgement. An order it skips has no evidence, so the
+    rule that decides it (by its request facts) is the one the full judgement would name: the audit and the
+    possible-misses review see the true rule."""
     needed: set[str] = set()
     for rule in rules:
         if not rule.flags:
+            needed |= _kinds_in(rule.when)  # any evidence it tests could make it the deciding rule
             continue
         kinds = _needs(rule.when)
         if kinds is None:

@@ -9,8 +9,19 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 
 # Where an order carries meaning (engine.orders reads each of these).
-Place = Literal["code", "detail", "body_site", "reason", "note", "instruction", "category", "performer"]
-PLACES: tuple[Place, ...] = ("code", "detail", "body_site", "reason", "note", "instruction", "category", "performer")
+Place = Literal[
+    "code",
+    "detail",
+    "body_site",
+    "reason",
+    "note",
+    "instruction",
+    "category",
+    "performer",
+    "location",
+    "supporting_info",
+]
+PLACES: tuple[Place, ...] = Place.__args__  # type: ignore[attr-defined]
 
 # The fixed vocabulary of evidence a policy's words and codes produce, and its decision rules test.
 EvidenceKind = Literal[
