@@ -11,7 +11,7 @@ from rapidfuzz.process import extractOne
 from . import context as ctx
 from .orders import WORD, Answer, OrderView
 from .policy.model import CodedMeaning, Meaning, Policy, Recognition, norm_code
-from .policy.schema import ASSERTED, Assertion, EvidenceKind, Place
+from .policy.schema import ASSERTED, GUESS_KINDS, Assertion, EvidenceKind, Place
 from .terms import TermHit, fold, term_key
 
 PLACE_WORDS: dict[str, str] = {
@@ -282,6 +282,8 @@ class _TextReader:
 def read_word(rec: Recognition, word: str) -> str | None:
     """The policy word a written word stands for: its abbreviation, or the word it misspells; None if neither.
 
+    A guess only ever reads a word as a word of the order's own subject (technique or anatomy terms; the loader
+    allows no other typo kinds), so it can help recognise what the order names but never argue against it.
     Cached per word: order texts repeat the same words call after call, and the edit-distance search is the costly
     part of reading an order with a typo (bounded; keyed by the policy's identity)."""
     read_as = rec.abbreviations.get(word)
@@ -294,9 +296,15 @@ def read_word(rec: Recognition, word: str) -> str | None:
         return None
     edits = rec.typo_max_edits_long if len(word) >= rec.typo_long_length else rec.typo_max_edits
     best = extractOne(word, rec.typo_words, scorer=OSA.distance, score_cutoff=edits)
-    if best is not None:
-        return str(best[0])
-    # A word cut short by a catalog's field length ("ANALYS"): the one policy word it begins.
+    return str(best[0]) if best is not None else None
+
+
+@functools.lru_cache(maxsize=16384)
+def read_cut(rec: Recognition, word: str) -> str | None:
+    """The policy word a word cut short by a catalog's field length begins ("ANALYS"): only ever asked of the last
+    word of a field, where a fixed-length field cuts; elsewhere a prefix is a word of its own ("local")."""
+    if len(word) < rec.typo_min_length or not word.isalpha() or word in rec.known_words:
+        return None
     begun = [w for w in rec.typo_words if w.startswith(word) and len(w) > len(word)]
     return min(begun, key=len) if begun else None
 
@@ -304,8 +312,8 @@ def read_word(rec: Recognition, word: str) -> str | None:
 @functools.lru_cache(maxsize=8192)
 def _corrected(rec: Recognition, text: str) -> tuple[str, dict[tuple[int, int], str]] | None:
     """The text with each abbreviation and long unknown word replaced by the policy word it stands for (edit
-    distance bounded), and the spans of the replacements in the new text with what was written; None when nothing
-    was replaced."""
+    distance bounded; a word cut at the very end of the field by the word it begins), and the spans of the
+    replacements in the new text with what was written; None when nothing was replaced."""
     if not rec.typo_words and not rec.abbreviations:
         return None
     folded = fold(text).lower()
@@ -313,8 +321,12 @@ def _corrected(rec: Recognition, text: str) -> tuple[str, dict[tuple[int, int], 
     spans: dict[tuple[int, int], str] = {}
     last = 0
     size = 0
+    end = len(folded.rstrip())
     for token in WORD.finditer(folded):
-        read_as = read_word(rec, token.group(0))
+        word = token.group(0)
+        read_as = read_word(rec, word)
+        if read_as is None and token.end() == end:
+            read_as = read_cut(rec, word)
         if read_as is None:
             continue
         pieces.append(text[last : token.start()])
@@ -381,7 +393,8 @@ def _read_texts(
                     for h in rec.index.find(fixed_text, nested=_is_combo_part)
                     if any(a < h.end and h.start < b for a, b in written)
                 ]
-                mentions += fixed.mentions(fixed_hits, written)
+                # A guessed reading is evidence only for what the order names, never against it.
+                mentions += [m for m in fixed.mentions(fixed_hits, written) if m.meaning.kind in GUESS_KINDS]
         for mention in mentions:
             ref = mention.meaning
             if ref.combo is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .evidence import read_word
+from .evidence import read_cut, read_word
 from .orders import OrderWords, order_words
 from .policy.model import Recognition
 
@@ -100,7 +100,9 @@ def might_flag(rec: Recognition, words: OrderWords) -> bool:
     # order. Words are read exactly as the evidence step reads them, so the two passes cannot disagree on a typo.
     if not rec.anatomy_tokens.isdisjoint(tokens):
         for token in tokens - FHIR_KEYS:
-            read = read_word(rec, token)
+            # (a cut word counts only at the end of a field: the first pass, reading words without places, lets
+            # any word through that would be read so there, and the evidence step decides)
+            read = read_word(rec, token) or read_cut(rec, token)
             # An abbreviation may stand for several words ("xr" -> "x ray"): its first is the candidate word.
             if read is not None and read.split(" ", 1)[0] in rec.candidate_tokens:
                 return True

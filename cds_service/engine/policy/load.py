@@ -462,7 +462,14 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
             c.problem((*base, "questions"), f"{both!r} is listed as both a yes and a no answer")
     typo_words: set[str] = set()
     if spec.typos is not None:
-        for kind in spec.typos.kinds:
+        for k, kind in enumerate(spec.typos.kinds):
+            if kind not in s.GUESS_KINDS:
+                c.problem(
+                    (*base, "typos", "kinds", k),
+                    f"a typo may only be read as a word of what the order names ({', '.join(sorted(s.GUESS_KINDS))}):"
+                    f" read as {kind} evidence, a guess would argue against the order",
+                )
+                continue
             typo_words |= {w for w in c.words.get(kind, ()) if len(w) >= spec.typos.min_length and w.isalpha()}
     known = set().union(*c.words.values()) if c.words else set()
     for trigger in spec.context:

@@ -36,6 +36,9 @@ EvidenceKind = Literal[
     "other-service",  # the order belongs to another service line (laboratory, eye clinic) by category or performer
 ]
 EVIDENCE_KINDS: tuple[str, ...] = EvidenceKind.__args__  # type: ignore[attr-defined]
+# What a guessed reading (a typo, an abbreviation, a word cut at a field's end) may be read as: the order's own
+# subject. A guess may help recognise what the order names; it must never create evidence against it.
+GUESS_KINDS: frozenset[str] = frozenset({"technique", "ambiguous-technique", "anatomy"})
 
 # ConText categories (Harkema et al. 2009, "ConText: an algorithm for determining negation, experiencer, and
 # temporal status from clinical reports"), with "affirmed" for a mention the order asserts and "requested" for one
