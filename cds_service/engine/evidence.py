@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 
 from rapidfuzz.distance import OSA
@@ -10,7 +11,7 @@ from rapidfuzz.process import extractOne
 
 from . import context as ctx
 from .orders import WORD, Answer, OrderView
-from .policy.model import CodedMeaning, Meaning, Policy, Recognition, norm_code
+from .policy.model import CodedMeaning, ContextTrigger, Meaning, Policy, Recognition, norm_code
 from .policy.schema import ASSERTED, GUESS_KINDS, Assertion, EvidenceKind, Place
 from .terms import TermHit, fold, term_key
 
@@ -224,7 +225,18 @@ def _answer_polarity(rec: Recognition, answer: Answer) -> str:
                 return "no"
             if head in rec.yes_answers:
                 return "yes"
+    # A refusal or a deferral answers no without the word ("Patient declined", "Not at this time", "Deferred to
+    # spine surgeon"): a negation trigger among the answer's first two words. Farther in, a negation is about
+    # something else the answer says ("lumbar; not improving with PT").
+    second = list(_ANSWER_WORD.finditer(value))[1:2]
+    reach = second[0].end() if second else len(value)
+    for hit in rec.context.find(value):
+        if hit.start < reach and any(isinstance(r, ContextTrigger) and r.assertion == "negated" for r in hit.refs):
+            return "no"
     return "text"
+
+
+_ANSWER_WORD = re.compile(r"[^\W_]+")
 
 
 class _TextReader:
