@@ -11,7 +11,7 @@ from rapidfuzz.process import extractOne
 
 from . import context as ctx
 from .orders import WORD, Answer, OrderView
-from .policy.model import CodedMeaning, ContextTrigger, Meaning, Policy, Recognition, norm_code
+from .policy.model import CodedMeaning, Composition, ConceptRef, ContextTrigger, Meaning, Policy, Recognition, norm_code
 from .policy.schema import ASSERTED, GUESS_KINDS, Assertion, EvidenceKind, Place
 from .terms import TermHit, fold, term_key
 
@@ -179,7 +179,7 @@ def _read_codings(order: OrderView, policy: Policy, found: OrderEvidence) -> Non
 
 
 def _is_combo_part(ref: object) -> bool:
-    return isinstance(ref, Meaning) and ref.combo is not None
+    return (isinstance(ref, Meaning) and ref.combo is not None) or isinstance(ref, ConceptRef)
 
 
 def _where(places: list[Place]) -> str:
@@ -395,6 +395,7 @@ def _read_texts(
     for number, place, text, hits in scanned:
         reader = _TextReader(rec, place, text, order.answers.get(number))
         mentions = reader.mentions(hits, {}) if hits else []
+        corrected = None
         if typos:
             corrected = _corrected(rec, text)
             if corrected is not None:
@@ -407,6 +408,12 @@ def _read_texts(
                 ]
                 # A guessed reading is evidence only for what the order names, never against it.
                 mentions += [m for m in fixed.mentions(fixed_hits, written) if m.meaning.kind in GUESS_KINDS]
+        composed = _compose(rec, reader, place, text, hits, None) if rec.compositions and hits else []
+        if not composed and rec.compositions and corrected is not None:
+            fixed_text, written = corrected
+            fixed_all = rec.index.find(fixed_text, nested=_is_combo_part)
+            composed = _compose(rec, _TextReader(rec, place, fixed_text, None), place, fixed_text, fixed_all, written)
+        found.items.extend(composed)
         for mention in mentions:
             ref = mention.meaning
             if ref.combo is not None:
@@ -440,6 +447,86 @@ def _read_texts(
                     requires=frozenset().union(*(_requires(p) for p in ordered)),
                 )
             )
+
+
+def _compose(
+    rec: Recognition,
+    reader: _TextReader,
+    place: Place,
+    text: str,
+    hits: list[TermHit],
+    guessed: dict[tuple[int, int], str] | None,
+) -> list[Evidence]:
+    """Techniques named by their parts within one sentence of this text: a concept of every slot of a composition
+    and none of its `unless` ("'fluoroscopic' with 'video' and 'lumbar spine' in the order name"). In a corrected
+    text (`guessed`: the replaced spans and what was written) a guessed word may fill a slot, never an `unless`."""
+    out: list[Evidence] = []
+    for start, end in ctx.sentences(text):
+        inside = [h for h in hits if start <= h.start and h.end <= max(end, start + 1)]
+        concepts: dict[str, list[TermHit]] = {}
+        for hit in inside:
+            for ref in hit.refs:
+                if isinstance(ref, ConceptRef):
+                    concepts.setdefault(ref.name, []).append(hit)
+        if not concepts:
+            continue
+        for comp in rec.compositions:
+            if place not in comp.meaning.places:
+                continue
+            if any(_said(h, guessed) for name in comp.unless for h in concepts.get(name, ())):
+                continue
+            parts = [next((h for name in sorted(slot) for h in concepts.get(name, ())), None) for slot in comp.slots]
+            found = [p for p in parts if p is not None]
+            if len(found) == len(parts) and len({(p.start, p.end) for p in found}) == len(found):
+                out.append(_composed(comp, reader, place, found, inside, guessed))
+    return out
+
+
+def _said(hit: TermHit, guessed: dict[tuple[int, int], str] | None) -> bool:
+    """Whether the order wrote this hit itself (not a guessed reading): only such words may argue against it."""
+    return guessed is None or not any(a < hit.end and hit.start < b for a, b in guessed)
+
+
+def _composed(
+    comp: Composition,
+    reader: _TextReader,
+    place: Place,
+    parts: list[TermHit],
+    sentence: list[TermHit],
+    guessed: dict[tuple[int, int], str] | None,
+) -> Evidence:
+    meaning = comp.meaning
+    assertion: Assertion = "affirmed"
+    why = ""
+    for part in parts:
+        said, context = reader.assertion(part, meaning.kind)
+        if said not in ASSERTED:
+            assertion, why = said, context
+            break
+        if said == "requested" and assertion == "affirmed":
+            assertion, why = said, context
+    shown = []
+    for part in parts:
+        written = next((w for (a, b), w in (guessed or {}).items() if a < part.end and part.start < b), "")
+        shown.append(quote(written or part.text))
+    # The anatomy said in the same sentence completes the picture ("... and 'lumbar spine'").
+    anatomy = next(
+        (h for h in sentence for r in h.refs if isinstance(r, Meaning) and r.kind == "anatomy" and place in r.places),
+        None,
+    )
+    if anatomy is not None:
+        shown.append(quote(anatomy.text))
+    words = " with ".join(shown[:-1]) + " and " + shown[-1]
+    return Evidence(
+        meaning.kind,
+        meaning.group,
+        f"{comp.name}: {words} in the {PLACE_WORDS[place]}",
+        place,
+        text=" ".join(p.text for p in parts),
+        combo=True,
+        assertion=assertion,
+        context=why,
+    )
 
 
 def _requires(mention: _Mention) -> frozenset[str]:

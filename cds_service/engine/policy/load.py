@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from ..markdown import MAX_DETAIL_WORDS, word_count
 from ..terms import TermError, TermIndex, fold, term_key
 from . import schema as s
+from .concepts import compile_concepts
 from .model import (
     COVERED_BY_STATUS,
     Alternative,
@@ -356,6 +357,7 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
 
     # Techniques.
     names: set[str] = set()
+    technique_meanings: dict[str, Meaning] = {}
     for t, technique in enumerate(spec.techniques):
         tpath = (*base, "techniques", t)
         if technique.name in names:
@@ -363,6 +365,7 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
         names.add(technique.name)
         kind: s.EvidenceKind = "ambiguous-technique" if technique.needs_anatomy else "technique"
         named = Meaning(kind, technique.name, kind_places(kind, technique.places, tpath))
+        technique_meanings[technique.name] = named
         c.add_terms(
             index,
             technique.terms,
@@ -442,6 +445,9 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
             add_codes(alias, [str(x) for x in listed], look_code, (*lpath, "codes", alias), prefixes=False)
         c.add_terms(index, look.terms, (*lpath, "terms"), Meaning(look.kind, look.name, lplaces), kind_places=places)
 
+    # Concept classes and the techniques composed of them (concepts.py).
+    compositions = compile_concepts(c, spec, index, technique_meanings, places, base)
+
     # ConText triggers, terminators and answers: their own index, never evidence.
     context = TermIndex()
     for i, trigger in enumerate(spec.context):
@@ -497,6 +503,7 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
     except TermError as exc:
         c.problem(base, str(exc))
     return Recognition(
+        compositions=compositions,
         system_alias=aliases,
         canonical_system=canonical,
         order_fields=frozenset(spec.order_fields),
@@ -711,6 +718,20 @@ def _prefilter(spec: s.Recognition, rules: tuple[Rule, ...], rec: Recognition) -
             for combination in technique.combinations:
                 for term in rarest(combination):
                     add(term)
+    if needed & {"technique", "ambiguous-technique"}:
+        # A composition holds only with a concept of every slot: one slot's words find its candidates.
+        for comp in spec.compositions:
+            slots = [
+                [
+                    t
+                    for name in ([e] if isinstance(e, str) else e)
+                    if name in spec.concepts
+                    for t in spec.concepts[name].terms
+                ]
+                for e in comp.all
+            ]
+            for term in rarest(slots):
+                add(term)
     for look in spec.look_alikes:
         if look.kind in needed:
             for term in look.terms:

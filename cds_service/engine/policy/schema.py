@@ -233,6 +233,28 @@ class TechniqueSpec(Strict):
     places: list[Place] | None = None
 
 
+class ConceptSpec(Strict):
+    """A class of words that mean one thing in an order (a modality able to record motion, a movement, a non-motion
+    use such as guidance): the parts compositions are built from."""
+
+    terms: Annotated[Terms, Field(min_length=1)]
+
+
+ConceptName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]*$")]
+
+
+class CompositionSpec(Strict):
+    """A technique named by its parts: one concept of every `all` entry (a list is any one of its concepts) within
+    one sentence of one text, and none of `unless` in that sentence."""
+
+    name: Text
+    # The technique the composition names (one of `techniques:`): its group, places and needs_anatomy default.
+    technique: Text
+    all: Annotated[list[ConceptName | Annotated[list[ConceptName], Field(min_length=1)]], Field(min_length=2)]
+    unless: list[ConceptName] = Field(default_factory=list)
+    needs_anatomy: bool | None = None
+
+
 class RegionSpec(Strict):
     codes: dict[str, dict[str, Text]] = Field(default_factory=dict)
     terms: Terms = Field(default_factory=list)
@@ -327,6 +349,9 @@ class Recognition(Strict):
         Annotated[str, Field(pattern=r"^[a-z0-9]+$")], Annotated[str, Field(pattern=r"^[a-z0-9 ]+$")]
     ] = Field(default_factory=dict)
     typos: TyposSpec | None = None
+    # Concept classes by name, and the techniques composed of them (engine.compose; docs/policy-concepts.md).
+    concepts: dict[ConceptName, ConceptSpec] = Field(default_factory=dict)
+    compositions: list[CompositionSpec] = Field(default_factory=list)
 
 
 class Condition(Strict):
