@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 from .evidence import read_cut, read_word
 from .orders import OrderWords, order_words
 from .policy.model import Recognition
 
 __all__ = ["FHIR_KEYS", "OrderWords", "might_flag", "order_words"]
+
+# A code value in the JSON of the read elements ("code":"M54.50"): tested against the policy's code ranges.
+_CODE_VALUE = re.compile(r'"code":"([^"\\]{1,64})"')
 
 # Element names of FHIR JSON are words of the dump too: never a candidate word, and never read as a typo.
 FHIR_KEYS = frozenset(
@@ -95,6 +100,10 @@ def might_flag(rec: Recognition, words: OrderWords) -> bool:
         return True
     if any(pattern.search(text) for pattern in rec.candidate_patterns):
         return True
+    if rec.candidate_code_sets:
+        for value in _CODE_VALUE.findall(text):
+            if any(value in codes for codes in rec.candidate_code_sets):
+                return True
     # A misspelled or abbreviated policy word counts only beside spine words (a technique that needs them, or one
     # that names the spine itself, is then in reach): the reading runs for spine orders, not for every word of every
     # order. Words are read exactly as the evidence step reads them, so the two passes cannot disagree on a typo.

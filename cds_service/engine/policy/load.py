@@ -746,8 +746,8 @@ def _prefilter(spec: s.Recognition, rules: tuple[Rule, ...], rec: Recognition) -
     for (_alias, code), meanings in rec.exact_codes.items():
         if any(m.kind in needed for m in meanings):
             tokens.add(code.lower())
-    if any(entry.meaning.kind in needed for entry in rec.code_sets):
-        return  # ranges and prefixes cannot be listed as words: judge every order in full
+    # Ranges and prefixes cannot be listed as words: the first pass tests the order's code values against them.
+    rec.candidate_code_sets = tuple(entry.codes for entry in rec.code_sets if entry.meaning.kind in needed)
     rec.candidate_tokens = frozenset(tokens)
     rec.candidate_patterns = tuple(patterns)
     anatomy: set[str] = set()

@@ -171,6 +171,8 @@ class Recognition:
     # some flagging rule needs no evidence (then every order is judged in full).
     candidate_tokens: frozenset[str] = frozenset()
     candidate_patterns: tuple[re.Pattern[str], ...] = ()
+    # Code ranges and prefixes of the kinds the table tests (M40-M54): an order's code values are tested against them.
+    candidate_code_sets: tuple[CodeSet, ...] = ()
     prefilter: bool = False
     # Spine words: beside them the first pass also reads misspelled and abbreviated words (as the evidence step does).
     anatomy_tokens: frozenset[str] = frozenset()
