@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 from .evidence import read_cut, read_word
@@ -90,6 +91,12 @@ FHIR_KEYS = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=8192)
+def _in_code_sets(rec: Recognition, value: str) -> bool:
+    """Whether a code value falls in one of the ranges or prefixes the table tests (cached: catalogs repeat)."""
+    return any(value in codes for codes in rec.candidate_code_sets)
+
+
 def might_flag(rec: Recognition, words: OrderWords) -> bool:
     """False only when the order holds none of the words, codes or patterns of the evidence the decision table
     tests: no evidence, so the rule that decides it by its request facts is the one the full judgement names."""
@@ -100,10 +107,8 @@ def might_flag(rec: Recognition, words: OrderWords) -> bool:
         return True
     if any(pattern.search(text) for pattern in rec.candidate_patterns):
         return True
-    if rec.candidate_code_sets:
-        for value in _CODE_VALUE.findall(text):
-            if any(value in codes for codes in rec.candidate_code_sets):
-                return True
+    if rec.candidate_code_sets and any(_in_code_sets(rec, v) for v in _CODE_VALUE.findall(text)):
+        return True
     # A misspelled or abbreviated policy word counts only beside spine words (a technique that needs them, or one
     # that names the spine itself, is then in reach): the reading runs for spine orders, not for every word of every
     # order. Words are read exactly as the evidence step reads them, so the two passes cannot disagree on a typo.

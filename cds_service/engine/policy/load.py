@@ -675,7 +675,9 @@ def _prefilter(spec: s.Recognition, rules: tuple[Rule, ...], rec: Recognition) -
     needed: set[str] = set()
     for rule in rules:
         if not rule.flags:
-            needed |= _kinds_in(rule.when)  # any evidence it tests could make it the deciding rule
+            # Evidence of one of these kinds must be there for the rule to hold (a rule that could hold without
+            # evidence but tests some: any kind it tests could make it the deciding one).
+            needed |= _needs(rule.when) or _kinds_in(rule.when)
             continue
         kinds = _needs(rule.when)
         if kinds is None:
