@@ -470,14 +470,16 @@ def _compose(
                     concepts.setdefault(ref.name, []).append(hit)
         if not concepts:
             continue
+        named: set[str] = set()  # one composition per technique and sentence: the first the policy lists
         for comp in rec.compositions:
-            if place not in comp.meaning.places:
+            if place not in comp.meaning.places or comp.meaning.group in named:
                 continue
             if any(_said(h, guessed) for name in comp.unless for h in concepts.get(name, ())):
                 continue
             parts = [next((h for name in sorted(slot) for h in concepts.get(name, ())), None) for slot in comp.slots]
             found = [p for p in parts if p is not None]
             if len(found) == len(parts) and len({(p.start, p.end) for p in found}) == len(found):
+                named.add(comp.meaning.group)
                 out.append(_composed(comp, reader, place, found, inside, guessed))
     return out
 
