@@ -216,6 +216,15 @@ def test_a_word_is_read_as_cut_only_at_the_end_of_a_field(policy: Policy) -> Non
     assert judged(policy, text="Zeta scan arm injec").rule == "technique-named"
 
 
+def test_a_typo_is_read_as_the_word_that_makes_a_term_with_its_neighbours(tmp_path: Path) -> None:
+    techniques = yaml.safe_load(ENGINE_TEST.read_text(encoding="utf-8"))["recognition"]["techniques"]
+    techniques.append({"name": "zeta analysis", "terms": ["zeta analysis", {"term": "analisis zeta", "lang": "es"}]})
+    [only] = load_policies(write_policy(tmp_path, {"techniques": techniques})).policies
+    # "analisys" is one edit from the Spanish "analisis" and two from "analysis": only "analysis" makes a term here.
+    verdict = judge(read_order(service_request(text="Zeta analisys of the arm")), only)
+    assert verdict.flagged and "read as Zeta analysis" in describe(verdict), describe(verdict)
+
+
 def test_the_loader_refuses_a_typo_kind_that_argues_against_the_order(tmp_path: Path) -> None:
     typos = {"min_length": 5, "max_edits": 1, "kinds": ["technique", "look-alike"]}
     found = problems_of(tmp_path, {"typos": typos})

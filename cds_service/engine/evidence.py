@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from rapidfuzz.distance import OSA
-from rapidfuzz.process import extractOne
+from rapidfuzz.process import extract
 
 from . import context as ctx
 from .orders import WORD, Answer, OrderView
@@ -306,9 +306,25 @@ def read_word(rec: Recognition, word: str) -> str | None:
     base = word[:-2] if word.endswith("es") else word[:-1] if word.endswith("s") else word
     if word in rec.known_words or base in rec.known_words:
         return None
+    choices = typo_choices(rec, word)
+    return choices[0] if choices else None
+
+
+@functools.lru_cache(maxsize=16384)
+def typo_choices(rec: Recognition, word: str) -> tuple[str, ...]:
+    """Every policy word within the edit bound of a written word, nearest first ("analisys": the Spanish
+    "analisis", then "analysis"); the evidence step takes the first that makes a term with its neighbours."""
+    if word in rec.abbreviations or len(word) < rec.typo_min_length or not word.isalpha() or not rec.typo_words:
+        return ()
+    base = word[:-2] if word.endswith("es") else word[:-1] if word.endswith("s") else word
+    if word in rec.known_words or base in rec.known_words:
+        return ()
     edits = rec.typo_max_edits_long if len(word) >= rec.typo_long_length else rec.typo_max_edits
-    best = extractOne(word, rec.typo_words, scorer=OSA.distance, score_cutoff=edits)
-    return str(best[0]) if best is not None else None
+    found = extract(word, rec.typo_words, scorer=OSA.distance, score_cutoff=edits, limit=_TYPO_CHOICES)
+    return tuple(str(choice) for choice, _, _ in found)
+
+
+_TYPO_CHOICES = 4
 
 
 @functools.lru_cache(maxsize=16384)
@@ -341,6 +357,14 @@ def _corrected(rec: Recognition, text: str) -> tuple[str, dict[tuple[int, int], 
             read_as = read_cut(rec, word)
         if read_as is None:
             continue
+        choices = typo_choices(rec, word)
+        if len(choices) > 1:
+            # Several words within the bound: the one that makes a term of the order's subject with its
+            # neighbours ("vertebral motion analisys" is "analysis", not the Spanish "analisis").
+            head = "".join(pieces) + text[last : token.start()]
+            read_as = next(
+                (c for c in choices if _makes_term(rec, head + c + text[token.end() :], len(head), len(c))), read_as
+            )
         pieces.append(text[last : token.start()])
         size += token.start() - last
         spans[(size, size + len(read_as))] = text[token.start() : token.end()]
@@ -351,6 +375,16 @@ def _corrected(rec: Recognition, text: str) -> tuple[str, dict[tuple[int, int], 
         return None
     pieces.append(text[last:])
     return "".join(pieces), spans
+
+
+def _makes_term(rec: Recognition, text: str, start: int, size: int) -> bool:
+    """Whether the word at [start, start + size) is part of a term of the order's subject in this text."""
+    return any(
+        h.start <= start
+        and start + size <= h.end
+        and any(isinstance(r, Meaning) and r.kind in GUESS_KINDS for r in h.refs)
+        for h in rec.index.find(text, nested=_is_combo_part)
+    )
 
 
 def _combine(parts: list[_Mention]) -> tuple[Assertion, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import re
 
-from .evidence import read_cut, read_word
+from .evidence import read_cut, read_word, typo_choices
 from .orders import OrderWords, order_words
 from .policy.model import Recognition
 
@@ -117,8 +117,8 @@ def might_flag(rec: Recognition, words: OrderWords) -> bool:
         for token in tokens - FHIR_KEYS:
             # (a cut word counts only at the end of a field: the first pass, reading words without places, lets
             # any word through that would be read so there, and the evidence step decides)
-            read = read_word(rec, token) or read_cut(rec, token)
+            reads = (read_word(rec, token), read_cut(rec, token), *typo_choices(rec, token))
             # An abbreviation may stand for several words ("xr" -> "x ray"): its first is the candidate word.
-            if read is not None and read.split(" ", 1)[0] in rec.candidate_tokens:
+            if any(read is not None and read.split(" ", 1)[0] in rec.candidate_tokens for read in reads):
                 return True
     return False
