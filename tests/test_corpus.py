@@ -22,6 +22,18 @@ CORPUS = ROOT / "cards" / "examples"
 GROUPS = sorted(p.stem for p in CORPUS.glob("*.json"))
 LABELS = ("dsv", "not-dsv")
 TECHNIQUES = ("technique", "ambiguous-technique")
+# Where the shipped policy reads techniques: the order's own fields and notes, and the suite, clinic or form it names.
+TECHNIQUE_PLACES = (
+    "code",
+    "detail",
+    "body_site",
+    "note",
+    "instruction",
+    "category",
+    "performer",
+    "location",
+    "supporting_info",
+)
 
 
 @cache
@@ -116,7 +128,7 @@ def test_each_flag_names_the_deciding_evidence(group: str) -> None:
                 written = next(c for c in code if c)
                 assert written in codes, (case["id"], written, "is not a code of the order")
             if evidence.kind in TECHNIQUES:
-                assert evidence.place in ("code", "detail", "body_site", "note", "instruction"), case["id"]
+                assert evidence.place in TECHNIQUE_PLACES, case["id"]
         # A billing code on its own is never the whole story: the spine evidence that made it count is named too.
         if not any(e.kind in TECHNIQUES for e in verdict.deciding):
             assert any(e.kind == "billing-code" for e in deciding), case["id"]

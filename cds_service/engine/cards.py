@@ -254,7 +254,7 @@ def alternative_order(
     The parts built from the policy were checked when it loaded; what is copied from the client is checked here by
     the datatypes' structural rules, and left out when it breaks them.
     """
-    original = verdict.order.resource
+    original = verdict.order.echo
     shape = verdict.order.shape
     subject = _reference(original.get("subject"), ("Patient",)) or _context_reference(("Patient",), request.patient_id)
     requester = _reference(original.get("requester"), _REQUESTERS) or _context_reference(_REQUESTERS, request.user_id)

@@ -36,6 +36,11 @@ class Scope:
     trigger_end: int
 
 
+def sentences(text: str) -> list[tuple[int, int]]:
+    """[start, end) of each sentence of a text."""
+    return _sentences(text)
+
+
 def _sentences(text: str) -> list[tuple[int, int]]:
     spans = []
     start = 0

@@ -315,6 +315,7 @@ def coverage_action(verdict: Verdict, coverage_reference: str, today: date) -> A
     """The CRD coverage-information systemAction for a flagged order, or None when it already carries it."""
     if not verdict.order.id:
         return None
+    # The client's own draft (echo), not the tolerant reader's fixed copy: only coverage information may change.
     return coverage_update(
-        verdict.order.resource, verdict.order.reference, [policy_assertion(verdict, coverage_reference)], today
+        verdict.order.echo, verdict.order.reference, [policy_assertion(verdict, coverage_reference)], today
     )

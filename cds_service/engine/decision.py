@@ -10,9 +10,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .evidence import Evidence, OrderEvidence, collect, evidence_line
-from .orders import OrderView, glance, read_order
+from .orders import OrderView, read_order
 from .policy.model import Coding, Cond, EvidenceTest, FactTest, Group, Policy, Rule
-from .prefilter import OrderWords, might_flag, order_words
+from .prefilter import might_flag
 
 
 @dataclass
@@ -152,11 +152,6 @@ def decide(order: OrderView, policy: Policy, found: OrderEvidence) -> Verdict:
     raise AssertionError("the loader guarantees a last rule without a condition")
 
 
-def judge(order: OrderView, policy: Policy) -> Verdict:
-    """Collect one order's evidence under one policy and decide."""
-    return decide(order, policy, collect(order, policy))
-
-
 @functools.lru_cache(maxsize=1024)
 def _quiet(policy: Policy, status: str | None, intent: str | None, do_not_perform: bool) -> tuple[Rule, str]:
     """The rule that decides an order with no evidence at all, by its request facts (cached: few combinations)."""
@@ -174,44 +169,30 @@ _memo: OrderedDict[tuple[int, bytes], Verdict] = OrderedDict()
 _memo_lock = threading.Lock()
 
 
-def judge_resource(
-    resource: dict[str, Any],
-    policy: Policy,
-    words: OrderWords | None = None,
-    original: dict[str, Any] | None = None,
-) -> Verdict:
-    """Judge one ServiceRequest as sent. The first pass (prefilter) decides whether any flagging rule could hold; an
-    order that names none of the words or codes those rules need is decided on its request facts alone, without
-    reading its places (its verdict says so: the table's rule for an order with no evidence). An order whose read
-    elements were judged before under the same policy gets that judgement again (memo)."""
+def judge(order: OrderView, policy: Policy) -> Verdict:
+    """The one way an order is judged (a hook call, `evaluate`, `check-policy` examples alike).
+
+    The first pass decides whether any flagging rule of the policy could hold; an order that names none of the
+    words or codes those rules need is decided on its request facts alone, without reading its places (its verdict
+    says so: the table's rule for an order with no evidence). An order whose read elements were judged before under
+    the same policy gets that judgement again (memo). Otherwise its evidence is collected and the table decides."""
     rec = policy.recognition
-    words = words if words is not None else order_words(resource)
-    if rec.prefilter and not might_flag(rec, words):
-        order = glance(resource)
-        if original is not None:
-            order.resource = original
+    if rec.prefilter and not might_flag(rec, order.words):
         rule, reason = _quiet(policy, order.status, order.intent, order.do_not_perform)
         return Verdict(order=order, policy=policy, rule=rule.id, flagged=rule.flags, reason=reason)
-    key = (id(policy), words.content)
+    key = (id(policy), order.words.content)
     known = _memo.get(key)
     if known is not None and known.policy is policy:
-        order = glance(resource)
-        # The places were read from equal content: share them (nothing downstream changes them).
-        order.codings, order.texts, order.answers, order.displays = (
-            known.order.codings,
-            known.order.texts,
-            known.order.answers,
-            known.order.displays,
-        )
-        if original is not None:
-            order.resource = original
+        order.share_places(known.order)
         return replace(known, order=order)
-    order = read_order(resource)
-    if original is not None:
-        order.resource = original  # the client's own order, unchanged, is what CRD echoes back
-    verdict = judge(order, policy)
+    verdict = decide(order, policy, collect(order, policy))
     with _memo_lock:
         _memo[key] = verdict
         if len(_memo) > _MEMO_SIZE:
             _memo.popitem(last=False)
     return verdict
+
+
+def judge_resource(resource: dict[str, Any], policy: Policy, original: dict[str, Any] | None = None) -> Verdict:
+    """Judge one ServiceRequest as sent (`original`: the client's resource when `resource` is its fixed copy)."""
+    return judge(read_order(resource, original), policy)

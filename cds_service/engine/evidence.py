@@ -7,12 +7,12 @@ import re
 from dataclasses import dataclass, field
 
 from rapidfuzz.distance import OSA
-from rapidfuzz.process import extractOne
+from rapidfuzz.process import extract
 
 from . import context as ctx
-from .orders import Answer, OrderView
-from .policy.model import CodedMeaning, Meaning, Policy, Recognition, norm_code
-from .policy.schema import ASSERTED, Assertion, EvidenceKind, Place
+from .orders import WORD, Answer, OrderView
+from .policy.model import CodedMeaning, Composition, ConceptRef, ContextTrigger, Meaning, Policy, Recognition, norm_code
+from .policy.schema import ASSERTED, GUESS_KINDS, Assertion, EvidenceKind, Place
 from .terms import TermHit, fold, term_key
 
 PLACE_WORDS: dict[str, str] = {
@@ -23,7 +23,9 @@ PLACE_WORDS: dict[str, str] = {
     "note": "order note",
     "instruction": "patient instructions",
     "category": "order category",
-    "performer": "performer type",
+    "performer": "performer",
+    "location": "order location",
+    "supporting_info": "supporting information",
 }
 _SYSTEM_NAMES = {"cpt": "CPT", "snomed": "SNOMED", "icd10cm": "ICD-10-CM", "icd10": "ICD-10", "loinc": "LOINC"}
 PRO_KINDS: frozenset[str] = frozenset({"billing-code", "technique", "ambiguous-technique", "anatomy"})
@@ -177,7 +179,7 @@ def _read_codings(order: OrderView, policy: Policy, found: OrderEvidence) -> Non
 
 
 def _is_combo_part(ref: object) -> bool:
-    return isinstance(ref, Meaning) and ref.combo is not None
+    return (isinstance(ref, Meaning) and ref.combo is not None) or isinstance(ref, ConceptRef)
 
 
 def _where(places: list[Place]) -> str:
@@ -194,9 +196,6 @@ def _label(meaning: Meaning, written: str, place: Place) -> str:
     if meaning.kind in ("look-alike", "billing-explanation", "comparator", "other-service"):
         return f"{meaning.group} ({quote(written)} in the {where})"
     return f"{quote(written)} in the {where}"
-
-
-WORD = re.compile(r"[a-z0-9]+")  # a word of folded, lower-case text (the first pass reads words alike)
 
 
 @dataclass(frozen=True)
@@ -226,7 +225,18 @@ def _answer_polarity(rec: Recognition, answer: Answer) -> str:
                 return "no"
             if head in rec.yes_answers:
                 return "yes"
+    # A refusal or a deferral answers no without the word ("Patient declined", "Not at this time", "Deferred to
+    # spine surgeon"): a negation trigger among the answer's first two words. Farther in, a negation is about
+    # something else the answer says ("lumbar; not improving with PT").
+    second = list(_ANSWER_WORD.finditer(value))[1:2]
+    reach = second[0].end() if second else len(value)
+    for hit in rec.context.find(value):
+        if hit.start < reach and any(isinstance(r, ContextTrigger) and r.assertion == "negated" for r in hit.refs):
+            return "no"
     return "text"
+
+
+_ANSWER_WORD = re.compile(r"[^\W_]+")
 
 
 class _TextReader:
@@ -284,6 +294,8 @@ class _TextReader:
 def read_word(rec: Recognition, word: str) -> str | None:
     """The policy word a written word stands for: its abbreviation, or the word it misspells; None if neither.
 
+    A guess only ever reads a word as a word of the order's own subject (technique or anatomy terms; the loader
+    allows no other typo kinds), so it can help recognise what the order names but never argue against it.
     Cached per word: order texts repeat the same words call after call, and the edit-distance search is the costly
     part of reading an order with a typo (bounded; keyed by the policy's identity)."""
     read_as = rec.abbreviations.get(word)
@@ -294,11 +306,33 @@ def read_word(rec: Recognition, word: str) -> str | None:
     base = word[:-2] if word.endswith("es") else word[:-1] if word.endswith("s") else word
     if word in rec.known_words or base in rec.known_words:
         return None
+    choices = typo_choices(rec, word)
+    return choices[0] if choices else None
+
+
+@functools.lru_cache(maxsize=16384)
+def typo_choices(rec: Recognition, word: str) -> tuple[str, ...]:
+    """Every policy word within the edit bound of a written word, nearest first ("analisys": the Spanish
+    "analisis", then "analysis"); the evidence step takes the first that makes a term with its neighbours."""
+    if word in rec.abbreviations or len(word) < rec.typo_min_length or not word.isalpha() or not rec.typo_words:
+        return ()
+    base = word[:-2] if word.endswith("es") else word[:-1] if word.endswith("s") else word
+    if word in rec.known_words or base in rec.known_words:
+        return ()
     edits = rec.typo_max_edits_long if len(word) >= rec.typo_long_length else rec.typo_max_edits
-    best = extractOne(word, rec.typo_words, scorer=OSA.distance, score_cutoff=edits)
-    if best is not None:
-        return str(best[0])
-    # A word cut short by a catalog's field length ("ANALYS"): the one policy word it begins.
+    found = extract(word, rec.typo_words, scorer=OSA.distance, score_cutoff=edits, limit=_TYPO_CHOICES)
+    return tuple(str(choice) for choice, _, _ in found)
+
+
+_TYPO_CHOICES = 4
+
+
+@functools.lru_cache(maxsize=16384)
+def read_cut(rec: Recognition, word: str) -> str | None:
+    """The policy word a word cut short by a catalog's field length begins ("ANALYS"): only ever asked of the last
+    word of a field, where a fixed-length field cuts; elsewhere a prefix is a word of its own ("local")."""
+    if len(word) < rec.typo_min_length or not word.isalpha() or word in rec.known_words:
+        return None
     begun = [w for w in rec.typo_words if w.startswith(word) and len(w) > len(word)]
     return min(begun, key=len) if begun else None
 
@@ -306,8 +340,8 @@ def read_word(rec: Recognition, word: str) -> str | None:
 @functools.lru_cache(maxsize=8192)
 def _corrected(rec: Recognition, text: str) -> tuple[str, dict[tuple[int, int], str]] | None:
     """The text with each abbreviation and long unknown word replaced by the policy word it stands for (edit
-    distance bounded), and the spans of the replacements in the new text with what was written; None when nothing
-    was replaced."""
+    distance bounded; a word cut at the very end of the field by the word it begins), and the spans of the
+    replacements in the new text with what was written; None when nothing was replaced."""
     if not rec.typo_words and not rec.abbreviations:
         return None
     folded = fold(text).lower()
@@ -315,10 +349,22 @@ def _corrected(rec: Recognition, text: str) -> tuple[str, dict[tuple[int, int], 
     spans: dict[tuple[int, int], str] = {}
     last = 0
     size = 0
+    end = len(folded.rstrip())
     for token in WORD.finditer(folded):
-        read_as = read_word(rec, token.group(0))
+        word = token.group(0)
+        read_as = read_word(rec, word)
+        if read_as is None and token.end() == end:
+            read_as = read_cut(rec, word)
         if read_as is None:
             continue
+        choices = typo_choices(rec, word)
+        if len(choices) > 1:
+            # Several words within the bound: the one that makes a term of the order's subject with its
+            # neighbours ("vertebral motion analisys" is "analysis", not the Spanish "analisis").
+            head = "".join(pieces) + text[last : token.start()]
+            read_as = next(
+                (c for c in choices if _makes_term(rec, head + c + text[token.end() :], len(head), len(c))), read_as
+            )
         pieces.append(text[last : token.start()])
         size += token.start() - last
         spans[(size, size + len(read_as))] = text[token.start() : token.end()]
@@ -329,6 +375,16 @@ def _corrected(rec: Recognition, text: str) -> tuple[str, dict[tuple[int, int], 
         return None
     pieces.append(text[last:])
     return "".join(pieces), spans
+
+
+def _makes_term(rec: Recognition, text: str, start: int, size: int) -> bool:
+    """Whether the word at [start, start + size) is part of a term of the order's subject in this text."""
+    return any(
+        h.start <= start
+        and start + size <= h.end
+        and any(isinstance(r, Meaning) and r.kind in GUESS_KINDS for r in h.refs)
+        for h in rec.index.find(text, nested=_is_combo_part)
+    )
 
 
 def _combine(parts: list[_Mention]) -> tuple[Assertion, str]:
@@ -373,6 +429,7 @@ def _read_texts(
     for number, place, text, hits in scanned:
         reader = _TextReader(rec, place, text, order.answers.get(number))
         mentions = reader.mentions(hits, {}) if hits else []
+        corrected = None
         if typos:
             corrected = _corrected(rec, text)
             if corrected is not None:
@@ -383,7 +440,14 @@ def _read_texts(
                     for h in rec.index.find(fixed_text, nested=_is_combo_part)
                     if any(a < h.end and h.start < b for a, b in written)
                 ]
-                mentions += fixed.mentions(fixed_hits, written)
+                # A guessed reading is evidence only for what the order names, never against it.
+                mentions += [m for m in fixed.mentions(fixed_hits, written) if m.meaning.kind in GUESS_KINDS]
+        composed = _compose(rec, reader, place, text, hits, None) if rec.compositions and hits else []
+        if not composed and rec.compositions and corrected is not None:
+            fixed_text, written = corrected
+            fixed_all = rec.index.find(fixed_text, nested=_is_combo_part)
+            composed = _compose(rec, _TextReader(rec, place, fixed_text, None), place, fixed_text, fixed_all, written)
+        found.items.extend(composed)
         for mention in mentions:
             ref = mention.meaning
             if ref.combo is not None:
@@ -417,6 +481,88 @@ def _read_texts(
                     requires=frozenset().union(*(_requires(p) for p in ordered)),
                 )
             )
+
+
+def _compose(
+    rec: Recognition,
+    reader: _TextReader,
+    place: Place,
+    text: str,
+    hits: list[TermHit],
+    guessed: dict[tuple[int, int], str] | None,
+) -> list[Evidence]:
+    """Techniques named by their parts within one sentence of this text: a concept of every slot of a composition
+    and none of its `unless` ("'fluoroscopic' with 'video' and 'lumbar spine' in the order name"). In a corrected
+    text (`guessed`: the replaced spans and what was written) a guessed word may fill a slot, never an `unless`."""
+    out: list[Evidence] = []
+    for start, end in ctx.sentences(text):
+        inside = [h for h in hits if start <= h.start and h.end <= max(end, start + 1)]
+        concepts: dict[str, list[TermHit]] = {}
+        for hit in inside:
+            for ref in hit.refs:
+                if isinstance(ref, ConceptRef):
+                    concepts.setdefault(ref.name, []).append(hit)
+        if not concepts:
+            continue
+        named: set[str] = set()  # one composition per technique and sentence: the first the policy lists
+        for comp in rec.compositions:
+            if place not in comp.meaning.places or comp.meaning.group in named:
+                continue
+            if any(_said(h, guessed) for name in comp.unless for h in concepts.get(name, ())):
+                continue
+            parts = [next((h for name in sorted(slot) for h in concepts.get(name, ())), None) for slot in comp.slots]
+            found = [p for p in parts if p is not None]
+            if len(found) == len(parts) and len({(p.start, p.end) for p in found}) == len(found):
+                named.add(comp.meaning.group)
+                out.append(_composed(comp, reader, place, found, inside, guessed))
+    return out
+
+
+def _said(hit: TermHit, guessed: dict[tuple[int, int], str] | None) -> bool:
+    """Whether the order wrote this hit itself (not a guessed reading): only such words may argue against it."""
+    return guessed is None or not any(a < hit.end and hit.start < b for a, b in guessed)
+
+
+def _composed(
+    comp: Composition,
+    reader: _TextReader,
+    place: Place,
+    parts: list[TermHit],
+    sentence: list[TermHit],
+    guessed: dict[tuple[int, int], str] | None,
+) -> Evidence:
+    meaning = comp.meaning
+    assertion: Assertion = "affirmed"
+    why = ""
+    for part in parts:
+        said, context = reader.assertion(part, meaning.kind)
+        if said not in ASSERTED:
+            assertion, why = said, context
+            break
+        if said == "requested" and assertion == "affirmed":
+            assertion, why = said, context
+    shown = []
+    for part in parts:
+        written = next((w for (a, b), w in (guessed or {}).items() if a < part.end and part.start < b), "")
+        shown.append(quote(written or part.text))
+    # The anatomy said in the same sentence completes the picture ("... and 'lumbar spine'").
+    anatomy = next(
+        (h for h in sentence for r in h.refs if isinstance(r, Meaning) and r.kind == "anatomy" and place in r.places),
+        None,
+    )
+    if anatomy is not None:
+        shown.append(quote(anatomy.text))
+    words = " with ".join(shown[:-1]) + " and " + shown[-1]
+    return Evidence(
+        meaning.kind,
+        meaning.group,
+        f"{comp.name}: {words} in the {PLACE_WORDS[place]}",
+        place,
+        text=" ".join(p.text for p in parts),
+        combo=True,
+        assertion=assertion,
+        context=why,
+    )
 
 
 def _requires(mention: _Mention) -> frozenset[str]:

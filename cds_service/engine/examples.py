@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from .decision import Verdict, judge
+from .errors import InvalidRequest
 from .orders import read_order
 from .policy.model import PolicySet
 from .policy.yamlread import Problem
+from .tolerant import well_formed
 
 # The corpus format's labels ("dsv" is the shipped policy's positive), and the general spelling for other policies.
 POSITIVE = frozenset({"dsv", "flagged"})
@@ -125,6 +127,11 @@ def load_examples(folder: Path, policies: PolicySet) -> tuple[list[Example], lis
             if not isinstance(resource, dict) or resource.get("resourceType") != "ServiceRequest":
                 problems.append(Problem(path, (*where, "resource"), None, "the resource must be a ServiceRequest"))
                 continue
+            try:
+                well_formed(resource, "resource")  # what a live call would refuse with a 400
+            except InvalidRequest as exc:
+                problems.append(Problem(path, (*where, "resource"), None, f"a live call would refuse it: {exc}"))
+                continue
             examples.append(Example(eid, label, str(record["why"]), resource, path, policy, rule))
     return examples, problems
 
@@ -132,7 +139,8 @@ def load_examples(folder: Path, policies: PolicySet) -> tuple[list[Example], lis
 def judge_examples(examples: list[Example], policies: PolicySet) -> list[Judged]:
     out = []
     for example in examples:
-        order = read_order(example.resource)
+        # The path of a live call: the tolerant reader's fixed copy, parsed once, judged by each policy.
+        order = read_order(well_formed(example.resource, "resource"), example.resource)
         chosen = [p for p in policies.policies if example.policy in (None, p.id)]
         out.append(Judged(example, [judge(order, p) for p in chosen]))
     return out

@@ -9,10 +9,10 @@ from typing import Any
 
 from . import crd
 from .cards import CardMaker
-from .decision import Verdict, judge_resource
+from .decision import Verdict, judge
+from .orders import read_order
 from .outcome import Outcome
 from .policy.model import Service
-from .prefilter import order_words
 from .request import HookRequest
 
 
@@ -39,8 +39,8 @@ def assess(request: HookRequest, service: Service) -> Assessment:
     """Judge every order the hook asks about against every policy of the service."""
     verdicts: list[Verdict] = []
     for draft in request.orders:
-        words = order_words(draft.readable)  # one first pass for every policy
-        verdicts.extend(judge_resource(draft.readable, policy, words, draft.resource) for policy in service.policies)
+        order = read_order(draft.readable, draft.resource)  # parsed once, judged by every policy
+        verdicts.extend(judge(order, policy) for policy in service.policies)
     return Assessment(request, service, verdicts, crd.read_configuration(request.extension))
 
 
@@ -105,7 +105,7 @@ def _coverage_actions(
         reference = verdict.order.reference
         assertion = _assertion(verdict, coverage, version) if reference else None
         if reference and assertion is not None:
-            targets.setdefault(reference, (verdict.order.resource, []))[1].append(assertion)
+            targets.setdefault(reference, (verdict.order.echo, []))[1].append(assertion)
     scope = assessment.request.scope
     if scope is not None and scope.unread and version != "2.0":
         named = coverage.coverage_reference if coverage is not None and not coverage.problem else None

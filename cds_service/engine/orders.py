@@ -2,34 +2,102 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
+
 from .policy.schema import PLACES, Place
+from .terms import fold
 
-# Every element of a ServiceRequest the engine reads: its verdict depends on these and nothing else (ids, subject,
-# dates and the rest say who and when, not what).
-READ_FIELDS: tuple[str, ...] = (
-    "code",
-    "orderDetail",
-    "bodySite",
-    "bodyStructure",
-    "reasonCode",
-    "reason",
-    "reasonReference",
-    "note",
-    "category",
-    "performerType",
-    "patientInstruction",
-    "status",
-    "intent",
-    "doNotPerform",
+Shape = Literal["element", "detail", "annotation", "instruction"]
+
+
+@dataclass(frozen=True)
+class FhirField:
+    """One element of a ServiceRequest the engine reads for meaning, the place its words count as, and its shape:
+    "element" is any of CodeableConcept, CodeableReference (R5), Reference (its display) or a bare string; the
+    others are orderDetail (R4 CodeableConcept / R5 parameters), Annotation and patientInstruction (R4 string / R5
+    list). `repeats` is FHIR's cardinality (tolerant reading turns one value into an array and back)."""
+
+    name: str
+    place: Place
+    shape: Shape = "element"
+    repeats: bool = True
+
+
+# Every element of a ServiceRequest (R4 and R5) whose words the engine reads, in reading order: tolerant reading,
+# the first pass, evidence, the decision's places and explanations all use this one table. Adding a field is a line.
+FIELDS: tuple[FhirField, ...] = (
+    FhirField("code", "code", repeats=False),  # R4 CodeableConcept, R5 CodeableReference (concept or reference)
+    FhirField("orderDetail", "detail", "detail"),
+    FhirField("bodySite", "body_site"),
+    FhirField("bodyStructure", "body_site", repeats=False),  # R5 Reference(BodyStructure)
+    FhirField("reasonCode", "reason"),  # R4
+    FhirField("reason", "reason"),  # R5 CodeableReference
+    FhirField("reasonReference", "reason"),  # R4
+    FhirField("note", "note", "annotation"),
+    FhirField("supportingInfo", "supporting_info"),  # R4 Reference, R5 CodeableReference: a form, an answer
+    FhirField("category", "category"),
+    FhirField("performerType", "performer"),  # 0..1 in R4, but clients send several
+    FhirField("performer", "performer"),  # Reference display: the organisation or clinic that does it
+    FhirField("locationCode", "location"),  # R4
+    FhirField("locationReference", "location"),  # R4
+    FhirField("location", "location"),  # R5 CodeableReference
+    FhirField("patientInstruction", "instruction", "instruction"),
 )
+# The request facts read beside the places (who and when are not read: ids, subject, dates).
+FACT_FIELDS: tuple[str, ...] = ("status", "intent", "doNotPerform")
+# Every element the verdict depends on: the first pass reads these, the verdict memo is keyed by them.
+READ_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS) + FACT_FIELDS
+# CRD 2.2 billing options on ServiceRequest.code: billing codes the client expects (billopt-3: consider them).
+BILLING_OPTIONS = "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/ext-billing-options"
+# A procedure code written as text in the order's name: "76496", "CPT 76496", "CPT#76496" (five digits alone).
+_TEXT_CODE = re.compile(r"(?<![\w./-])(?:CPT[\s\u00ae#:-]*)?(\d{5})(?![\w./-])", re.IGNORECASE)
+# A word of folded, lower-case text (the first pass and the evidence step read words alike).
+WORD = re.compile(r"[a-z0-9]+")
+# JSON escapes for control characters would glue a letter to the next word ("\nDMX" -> "nDMX"): they become spaces.
+_ESCAPE = re.compile(r"\\[bfnrt]")
 
-__all__ = ["PLACES", "Answer", "CodingRef", "OrderView", "Place", "as_list", "iter_bundle_resources", "read_order"]
+
+@dataclass(frozen=True)
+class OrderWords:
+    """What the first pass reads of an order: the JSON of the elements the engine reads (also the key of the verdict
+    cache: equal content, equal verdict), its text folded, and its words."""
+
+    content: bytes
+    text: str
+    tokens: frozenset[str]
+
+
+def order_words(resource: dict[str, Any]) -> OrderWords:
+    """Every word of the order's elements the engine reads, keys included (no key is a word the policy needs): lower
+    case, no accents. One orjson dump and one token pass, both in C."""
+    content = orjson.dumps([resource.get(name) for name in READ_FIELDS])
+    text = content.decode()
+    if "\\" in text:
+        text = _ESCAPE.sub(" ", text)
+    text = fold(text)
+    return OrderWords(content, text, frozenset(WORD.findall(text.lower())))
+
+
+__all__ = [
+    "FIELDS",
+    "PLACES",
+    "READ_FIELDS",
+    "Answer",
+    "CodingRef",
+    "FhirField",
+    "OrderView",
+    "Place",
+    "as_list",
+    "iter_bundle_resources",
+    "read_order",
+]
 
 # Half-written orders can be anything; bound the work a hostile one can cause.
 _MAX_ITEMS = 200
@@ -59,9 +127,22 @@ class Answer:
     value: str | bool
 
 
-@dataclass
+@dataclass(frozen=True)
+class Places:
+    """What an order says, read once from its fields (FIELDS): codings and texts with the place each came from."""
+
+    codings: tuple[CodingRef, ...] = ()
+    texts: tuple[tuple[Place, str], ...] = ()
+    # Texts that are an order question with its answer, by their index in `texts`.
+    answers: Mapping[int, Answer] = field(default_factory=dict)
+    # Texts that are only a coding's display, by their index in `texts`: the coding they name.
+    displays: Mapping[int, CodingRef] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class OrderView:
-    """What the matcher needs from one ServiceRequest, read without validating the whole resource."""
+    """One draft order, parsed once and never changed: its request facts, the words the first pass reads (also the
+    verdict memo's key) and, read on first use, its places. Every policy judges the same OrderView."""
 
     resource: dict[str, Any]
     id: str | None
@@ -69,12 +150,42 @@ class OrderView:
     intent: str | None
     shape: Literal["R4", "R5"]
     do_not_perform: bool
-    codings: list[CodingRef] = field(default_factory=list)
-    texts: list[tuple[Place, str]] = field(default_factory=list)
-    # Texts that are an order question with its answer, by their index in `texts`.
-    answers: dict[int, Answer] = field(default_factory=dict)
-    # Texts that are only a coding's display, by their index in `texts`: the coding they name.
-    displays: dict[int, CodingRef] = field(default_factory=dict)
+    # The client's own resource, unchanged (CRD echoes it back); `resource` is the fixed copy that is read.
+    original: dict[str, Any] | None = None
+
+    @functools.cached_property
+    def places(self) -> Places:
+        return _read_places(self.resource)
+
+    @functools.cached_property
+    def words(self) -> OrderWords:
+        """What the first pass reads (and the verdict memo's key): computed once, shared by every policy."""
+        return order_words(self.resource)
+
+    def share_places(self, other: OrderView) -> None:
+        """Equal content reads to equal places: take another order's, if it has read them (the memo's hit)."""
+        if "places" in other.__dict__ and "places" not in self.__dict__:
+            self.__dict__["places"] = other.__dict__["places"]
+
+    @property
+    def codings(self) -> tuple[CodingRef, ...]:
+        return self.places.codings
+
+    @property
+    def texts(self) -> tuple[tuple[Place, str], ...]:
+        return self.places.texts
+
+    @property
+    def answers(self) -> Mapping[int, Answer]:
+        return self.places.answers
+
+    @property
+    def displays(self) -> Mapping[int, CodingRef]:
+        return self.places.displays
+
+    @property
+    def echo(self) -> dict[str, Any]:
+        return self.original if self.original is not None else self.resource
 
     @property
     def reference(self) -> str | None:
@@ -160,20 +271,52 @@ def _shape(resource: dict[str, Any]) -> Literal["R4", "R5"]:
 class _Reader:
     """Collects codings and texts from the shapes FHIR uses, tolerating whatever a sloppy client sends."""
 
-    def __init__(self, view: OrderView) -> None:
-        self.view = view
+    def __init__(self) -> None:
+        self.codings: list[CodingRef] = []
+        self.texts: list[tuple[Place, str]] = []
+        self.answers: dict[int, Answer] = {}
+        self.displays: dict[int, CodingRef] = {}
+
+    def places(self) -> Places:
+        return Places(tuple(self.codings), tuple(self.texts), self.answers, self.displays)
+
+    def field(self, spec: FhirField, value: Any) -> None:
+        if spec.shape == "detail":
+            self.order_detail(value)
+        elif spec.shape == "annotation":
+            for note in as_list(value):
+                self.text(spec.place, note.get("text") if isinstance(note, dict) else note)
+        elif spec.shape == "instruction":
+            if isinstance(value, str):
+                self.text(spec.place, value)
+            else:
+                self.strings_under(spec.place, as_list(value))
+        else:
+            for item in as_list(value) if spec.repeats else [value]:
+                self.element(spec.place, item)
 
     def text(self, place: Place, value: Any, answer: Answer | None = None) -> None:
         text = _str(value)
         if text and not text.isascii():
             text = unicodedata.normalize("NFC", text)  # offsets found later refer to this form
         # code.text often repeats the coding's display: read each text once per place.
-        if text and (place, text) not in self.view.texts:
+        if text and (place, text) not in self.texts:
             if answer is None and place == "detail":
                 answer = _written_question(text)
             if answer is not None:
-                self.view.answers[len(self.view.texts)] = answer
-            self.view.texts.append((place, text))
+                self.answers[len(self.texts)] = answer
+            self.texts.append((place, text))
+            if place == "code":
+                self.text_codes(place, text)
+
+    def text_codes(self, place: Place, text: str) -> None:
+        """A procedure code written in the order's name ("CPT 76496 lumbar") is a coding without a system: the
+        policy reads it as its code when exactly one of its systems lists it."""
+        known = {c.code for c in self.codings}
+        for match in _TEXT_CODE.finditer(text):
+            if match[1] not in known:
+                known.add(match[1])
+                self.codings.append(CodingRef(place, "", match[1], ""))
 
     def order_detail(self, details: Any) -> None:
         """R4: CodeableConcepts (a question may be written "Question? Answer"). R5: parameters, each a question
@@ -212,14 +355,40 @@ class _Reader:
         elif question:
             self.text("detail", question)
 
-    def concept(self, place: Place, concept: Any) -> None:
-        """A CodeableConcept: its codings and its text."""
-        if not isinstance(concept, dict):
-            self.text(place, concept)
+    def element(self, place: Place, value: Any, depth: int = 0) -> None:
+        """A CodeableConcept (codings, then text), an R5 CodeableReference (its concept, then its reference's
+        display), a Reference (its display) or a bare string sent in their place; CRD billing options on it."""
+        if not isinstance(value, dict):
+            self.text(place, value)  # a plain string where a concept belongs still says what was ordered
             return
-        for coding in as_list(concept.get("coding")):
+        if depth > 2:
+            return
+        for coding in as_list(value.get("coding")):
             self.coding(place, coding)
-        self.text(place, concept.get("text"))
+        self.text(place, value.get("text"))
+        self.text(place, value.get("display"))
+        for key in ("concept", "reference"):
+            if isinstance(value.get(key), dict):
+                self.element(place, value[key], depth + 1)
+        for extension in as_list(value.get("extension")):
+            if isinstance(extension, dict) and extension.get("url") == BILLING_OPTIONS:
+                self.billing_options(place, extension)
+
+    def billing_options(self, place: Place, extension: dict[str, Any], depth: int = 0) -> None:
+        """Every coding under a CRD billing-options extension (sub-extensions or values): a code the client
+        expects to bill, read as a coding of the order; its display is the code's descriptor, not order text."""
+        if depth > _MAX_DEPTH:
+            return
+        for key, value in extension.items():
+            if key == "valueCoding":
+                self.coding(place, value, read_display=False)
+            elif key == "valueCodeableConcept" and isinstance(value, dict):
+                for coding in as_list(value.get("coding")):
+                    self.coding(place, coding, read_display=False)
+            elif key == "extension":
+                for inner in as_list(value):
+                    if isinstance(inner, dict):
+                        self.billing_options(place, inner, depth + 1)
 
     def coding(self, place: Place, coding: Any, *, read_display: bool = True) -> None:
         if not isinstance(coding, dict):
@@ -229,30 +398,21 @@ class _Reader:
         display = _str(coding.get("display")) or ""
         if isinstance(code, int | float) and not isinstance(code, bool):
             code = str(code)  # a number where a code string belongs: still the code the clinician picked
+        system = system.strip() if isinstance(system, str) else ""
+        if isinstance(code, str) and "^" in code:
+            # An HL7 v2 coded element copied whole ("76499^DIGITAL MOTION XRAY^CPT"): its code, its text, and a
+            # v2 coding-system name rather than a URI, so the policy reads the code as it reads one without a system.
+            parts = code.split("^")
+            code, display, system = parts[0], display or _str(parts[1] if len(parts) > 1 else "") or "", ""
         ref = None
         if isinstance(code, str) and code.strip():
-            ref = CodingRef(place, system.strip() if isinstance(system, str) else "", code.strip()[:64], display)
-            self.view.codings.append(ref)
+            ref = CodingRef(place, system, code.strip()[:64], display)
+            self.codings.append(ref)
         if display and read_display:
-            before = len(self.view.texts)
+            before = len(self.texts)
             self.text(place, display)
-            if ref is not None and len(self.view.texts) > before:
-                self.view.displays[before] = ref
-
-    def reference_display(self, place: Place, reference: Any) -> None:
-        if isinstance(reference, dict):
-            self.text(place, reference.get("display"))
-
-    def codeable_reference(self, place: Place, value: Any) -> None:
-        """R5 CodeableReference, or an R4 CodeableConcept sent where R5 expects one (or bare text, sloppily)."""
-        if not isinstance(value, dict):
-            self.text(place, value)  # a plain string where a concept belongs still says what was ordered
-            return
-        if "concept" in value or "reference" in value:
-            self.concept(place, value.get("concept"))
-            self.reference_display(place, value.get("reference"))
-        else:
-            self.concept(place, value)
+            if ref is not None and len(self.texts) > before:
+                self.displays[before] = ref
 
     def strings_under(self, place: Place, value: Any, depth: int = 0) -> None:
         """Every text, display and string value under an element whose shape differs by version (orderDetail)."""
@@ -271,9 +431,18 @@ class _Reader:
             self.text(place, value)
 
 
-def glance(resource: dict[str, Any]) -> OrderView:
-    """The order's identity and request facts only (id, status, intent, doNotPerform), for an order the first pass
-    found nothing in: its places are not read."""
+def _read_places(resource: dict[str, Any]) -> Places:
+    read = _Reader()
+    for spec in FIELDS:
+        value = resource.get(spec.name)
+        if value is not None:
+            read.field(spec, value)
+    return read.places()
+
+
+def read_order(resource: dict[str, Any], original: dict[str, Any] | None = None) -> OrderView:
+    """Parse one ServiceRequest (R4 or R5 shape) once: its request facts now, its places on first use.
+    `original` is the client's resource when `resource` is the tolerant reader's fixed copy."""
     rid = resource.get("id")
     status = resource.get("status")
     intent = resource.get("intent")
@@ -284,34 +453,5 @@ def glance(resource: dict[str, Any]) -> OrderView:
         intent=intent.strip() if isinstance(intent, str) else None,
         shape=_shape(resource),
         do_not_perform=resource.get("doNotPerform") is True,
+        original=original,
     )
-
-
-def read_order(resource: dict[str, Any]) -> OrderView:
-    """Read one ServiceRequest (R4 or R5 shape) into the places the policy rules look at."""
-    view = glance(resource)
-    read = _Reader(view)
-    read.codeable_reference("code", resource.get("code"))
-    read.order_detail(resource.get("orderDetail"))
-    for site in as_list(resource.get("bodySite")):
-        read.concept("body_site", site)
-    read.reference_display("body_site", resource.get("bodyStructure"))
-    for reason in as_list(resource.get("reasonCode")):
-        read.concept("reason", reason)
-    for reason in as_list(resource.get("reason")):
-        read.codeable_reference("reason", reason)
-    for reason in as_list(resource.get("reasonReference")):
-        read.reference_display("reason", reason)
-    for note in as_list(resource.get("note")):
-        if isinstance(note, dict):
-            read.text("note", note.get("text"))
-    for category in as_list(resource.get("category")):
-        read.concept("category", category)
-    for performer in as_list(resource.get("performerType")):
-        read.concept("performer", performer)
-    instruction = resource.get("patientInstruction")
-    if isinstance(instruction, str):
-        read.text("instruction", instruction)
-    else:
-        read.strings_under("instruction", as_list(instruction))
-    return view

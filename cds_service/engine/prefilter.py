@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass
-from typing import Any
 
-import orjson
-
-from .evidence import WORD, read_word
-from .orders import READ_FIELDS
+from .evidence import read_cut, read_word, typo_choices
+from .orders import OrderWords, order_words
 from .policy.model import Recognition
-from .terms import fold
+
+__all__ = ["FHIR_KEYS", "OrderWords", "might_flag", "order_words"]
+
+# A code value in the JSON of the read elements ("code":"M54.50"): tested against the policy's code ranges.
+_CODE_VALUE = re.compile(r'"code":"([^"\\]{1,64})"')
 
 # Element names of FHIR JSON are words of the dump too: never a candidate word, and never read as a typo.
 FHIR_KEYS = frozenset(
@@ -56,6 +57,9 @@ FHIR_KEYS = frozenset(
         "performertype",
         "performer",
         "locationcode",
+        "location",
+        "locationreference",
+        "valuecoding",
         "reasoncode",
         "reasonreference",
         "reason",
@@ -86,33 +90,17 @@ FHIR_KEYS = frozenset(
         "instantiatesuri",
     ]
 )
-# JSON escapes for control characters would glue a letter to the next word ("\nDMX" -> "nDMX"): they become spaces.
-_ESCAPE = re.compile(r"\\[bfnrt]")
 
 
-@dataclass(frozen=True)
-class OrderWords:
-    """What the first pass reads of an order: the JSON of the elements the engine reads (also the key of the verdict
-    cache: equal content, equal verdict), its text folded, and its words."""
-
-    content: bytes
-    text: str
-    tokens: frozenset[str]
-
-
-def order_words(resource: dict[str, Any]) -> OrderWords:
-    """Every word of the order's elements the engine reads, keys included (no key is a word the policy needs): lower
-    case, no accents. One orjson dump and one token pass, both in C."""
-    content = orjson.dumps([resource.get(name) for name in READ_FIELDS])
-    text = content.decode()
-    if "\\" in text:
-        text = _ESCAPE.sub(" ", text)
-    text = fold(text)
-    return OrderWords(content, text, frozenset(WORD.findall(text.lower())))
+@functools.lru_cache(maxsize=8192)
+def _in_code_sets(rec: Recognition, value: str) -> bool:
+    """Whether a code value falls in one of the ranges or prefixes the table tests (cached: catalogs repeat)."""
+    return any(value in codes for codes in rec.candidate_code_sets)
 
 
 def might_flag(rec: Recognition, words: OrderWords) -> bool:
-    """False only when the order holds none of the words, codes or patterns every flagging rule needs."""
+    """False only when the order holds none of the words, codes or patterns of the evidence the decision table
+    tests: no evidence, so the rule that decides it by its request facts is the one the full judgement names."""
     if not rec.prefilter:
         return True
     text, tokens = words.text, words.tokens
@@ -120,13 +108,17 @@ def might_flag(rec: Recognition, words: OrderWords) -> bool:
         return True
     if any(pattern.search(text) for pattern in rec.candidate_patterns):
         return True
+    if rec.candidate_code_sets and any(_in_code_sets(rec, v) for v in _CODE_VALUE.findall(text)):
+        return True
     # A misspelled or abbreviated policy word counts only beside spine words (a technique that needs them, or one
     # that names the spine itself, is then in reach): the reading runs for spine orders, not for every word of every
     # order. Words are read exactly as the evidence step reads them, so the two passes cannot disagree on a typo.
     if not rec.anatomy_tokens.isdisjoint(tokens):
         for token in tokens - FHIR_KEYS:
-            read = read_word(rec, token)
+            # (a cut word counts only at the end of a field: the first pass, reading words without places, lets
+            # any word through that would be read so there, and the evidence step decides)
+            reads = (read_word(rec, token), read_cut(rec, token), *typo_choices(rec, token))
             # An abbreviation may stand for several words ("xr" -> "x ray"): its first is the candidate word.
-            if read is not None and read.split(" ", 1)[0] in rec.candidate_tokens:
+            if any(read is not None and read.split(" ", 1)[0] in rec.candidate_tokens for read in reads):
                 return True
     return False

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import InvalidRequest
+from .orders import FIELDS
 
 _MAX_ITEMS = 200
 Fix = Callable[[Any, str], Any]
@@ -131,20 +132,29 @@ def _instruction(value: Any, path: str) -> Any:
     return _string(value, path)
 
 
+def _element(value: Any, path: str) -> Any:
+    """What orders.FIELDS calls an element: a CodeableConcept, an R5 CodeableReference, or a Reference (whose
+    display is read; its reference stays as sent)."""
+    if isinstance(value, dict) and "coding" not in value and "concept" not in value and "display" in value:
+        return _fields(value, path, {"display": _string})
+    return _concept(value, path)
+
+
+_SHAPES: dict[str, Fix] = {
+    "element": _element,
+    "detail": _detail,
+    "annotation": _annotation,
+    "instruction": _instruction,
+}
+# The fields the engine reads (orders.FIELDS, one table for every step), each fixed by its shape, and the facts.
 _ORDER_FIELDS: dict[str, Fix] = {
     "id": _string,
     "status": _string,
     "intent": _string,
     "doNotPerform": _boolean,
-    "code": _concept,
-    "orderDetail": _array(_detail),
-    "bodySite": _array(_concept),
-    "reasonCode": _array(_concept),
-    "reason": _array(_concept),
-    "note": _array(_annotation),
-    "category": _array(_concept),
-    "performerType": _array(_concept),
-    "patientInstruction": _instruction,
+    **{
+        f.name: _array(_SHAPES[f.shape]) if f.repeats and f.shape != "instruction" else _SHAPES[f.shape] for f in FIELDS
+    },
 }
 
 

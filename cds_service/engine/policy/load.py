@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from ..markdown import MAX_DETAIL_WORDS, word_count
 from ..terms import TermError, TermIndex, fold, term_key
 from . import schema as s
+from .concepts import compile_concepts
 from .model import (
     COVERED_BY_STATUS,
     Alternative,
@@ -356,6 +357,7 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
 
     # Techniques.
     names: set[str] = set()
+    technique_meanings: dict[str, Meaning] = {}
     for t, technique in enumerate(spec.techniques):
         tpath = (*base, "techniques", t)
         if technique.name in names:
@@ -363,6 +365,7 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
         names.add(technique.name)
         kind: s.EvidenceKind = "ambiguous-technique" if technique.needs_anatomy else "technique"
         named = Meaning(kind, technique.name, kind_places(kind, technique.places, tpath))
+        technique_meanings[technique.name] = named
         c.add_terms(
             index,
             technique.terms,
@@ -442,6 +445,9 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
             add_codes(alias, [str(x) for x in listed], look_code, (*lpath, "codes", alias), prefixes=False)
         c.add_terms(index, look.terms, (*lpath, "terms"), Meaning(look.kind, look.name, lplaces), kind_places=places)
 
+    # Concept classes and the techniques composed of them (concepts.py).
+    compositions = compile_concepts(c, spec, index, technique_meanings, places, base)
+
     # ConText triggers, terminators and answers: their own index, never evidence.
     context = TermIndex()
     for i, trigger in enumerate(spec.context):
@@ -462,7 +468,14 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
             c.problem((*base, "questions"), f"{both!r} is listed as both a yes and a no answer")
     typo_words: set[str] = set()
     if spec.typos is not None:
-        for kind in spec.typos.kinds:
+        for k, kind in enumerate(spec.typos.kinds):
+            if kind not in s.GUESS_KINDS:
+                c.problem(
+                    (*base, "typos", "kinds", k),
+                    f"a typo may only be read as a word of what the order names ({', '.join(sorted(s.GUESS_KINDS))}):"
+                    f" read as {kind} evidence, a guess would argue against the order",
+                )
+                continue
             typo_words |= {w for w in c.words.get(kind, ()) if len(w) >= spec.typos.min_length and w.isalpha()}
     known = set().union(*c.words.values()) if c.words else set()
     for trigger in spec.context:
@@ -490,6 +503,7 @@ def _recognition(c: _Compiler, spec: s.Recognition, base: Loc) -> Recognition:
     except TermError as exc:
         c.problem(base, str(exc))
     return Recognition(
+        compositions=compositions,
         system_alias=aliases,
         canonical_system=canonical,
         order_fields=frozenset(spec.order_fields),
@@ -644,12 +658,26 @@ def _needs(cond: Cond | None) -> frozenset[str] | None:
     return None
 
 
+def _kinds_in(cond: Cond | None) -> frozenset[str]:
+    """Every kind of evidence a condition tests anywhere (in all, any or unless)."""
+    if isinstance(cond, EvidenceTest):
+        return frozenset({cond.kind})
+    if isinstance(cond, Group):
+        return frozenset().union(*(_kinds_in(c) for c in (*cond.all, *cond.any, *cond.unless)))
+    return frozenset()
+
+
 def _prefilter(spec: s.Recognition, rules: tuple[Rule, ...], rec: Recognition) -> None:
-    """The words and codes without which no flagging rule can hold: the cheap pass that lets most orders (labs,
-    medications, ordinary imaging) skip the full judgement."""
+    """The words and codes without which no rule that tests evidence can hold: the cheap pass that lets most orders
+    (labs, medications, imaging of other kinds) skip the full judgement. An order it skips has no evidence, so the
+    rule that decides it (by its request facts) is the one the full judgement would name: the audit and the
+    possible-misses review see the true rule."""
     needed: set[str] = set()
     for rule in rules:
         if not rule.flags:
+            # Evidence of one of these kinds must be there for the rule to hold (a rule that could hold without
+            # evidence but tests some: any kind it tests could make it the deciding one).
+            needed |= _needs(rule.when) or _kinds_in(rule.when)
             continue
         kinds = _needs(rule.when)
         if kinds is None:
@@ -692,6 +720,20 @@ def _prefilter(spec: s.Recognition, rules: tuple[Rule, ...], rec: Recognition) -
             for combination in technique.combinations:
                 for term in rarest(combination):
                     add(term)
+    if needed & {"technique", "ambiguous-technique"}:
+        # A composition holds only with a concept of every slot: one slot's words find its candidates.
+        for comp in spec.compositions:
+            slots = [
+                [
+                    t
+                    for name in ([e] if isinstance(e, str) else e)
+                    if name in spec.concepts
+                    for t in spec.concepts[name].terms
+                ]
+                for e in comp.all
+            ]
+            for term in rarest(slots):
+                add(term)
     for look in spec.look_alikes:
         if look.kind in needed:
             for term in look.terms:
@@ -706,8 +748,8 @@ def _prefilter(spec: s.Recognition, rules: tuple[Rule, ...], rec: Recognition) -
     for (_alias, code), meanings in rec.exact_codes.items():
         if any(m.kind in needed for m in meanings):
             tokens.add(code.lower())
-    if any(entry.meaning.kind in needed for entry in rec.code_sets):
-        return  # ranges and prefixes cannot be listed as words: judge every order in full
+    # Ranges and prefixes cannot be listed as words: the first pass tests the order's code values against them.
+    rec.candidate_code_sets = tuple(entry.codes for entry in rec.code_sets if entry.meaning.kind in needed)
     rec.candidate_tokens = frozenset(tokens)
     rec.candidate_patterns = tuple(patterns)
     anatomy: set[str] = set()

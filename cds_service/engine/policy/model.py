@@ -123,6 +123,23 @@ class ContextTrigger:
     window: int
 
 
+@dataclass(frozen=True)
+class ConceptRef:
+    """A word of a concept class (a modality, a movement, a non-motion use): never evidence on its own."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A technique named by its parts within one sentence: a concept from each slot, none from `unless`."""
+
+    name: str
+    meaning: Meaning
+    slots: tuple[frozenset[str], ...]
+    unless: frozenset[str] = frozenset()
+
+
 @dataclass(eq=False)  # hashed by identity: lookups are cached per policy
 class Recognition:
     system_alias: dict[str, str]
@@ -154,9 +171,13 @@ class Recognition:
     # some flagging rule needs no evidence (then every order is judged in full).
     candidate_tokens: frozenset[str] = frozenset()
     candidate_patterns: tuple[re.Pattern[str], ...] = ()
+    # Code ranges and prefixes of the kinds the table tests (M40-M54): an order's code values are tested against them.
+    candidate_code_sets: tuple[CodeSet, ...] = ()
     prefilter: bool = False
     # Spine words: beside them the first pass also reads misspelled and abbreviated words (as the evidence step does).
     anatomy_tokens: frozenset[str] = frozenset()
+    # Techniques named by their parts (concept classes composed within one sentence).
+    compositions: tuple[Composition, ...] = ()
 
 
 # -- the decision table --------------------------------------------------------------------------------------------

@@ -9,8 +9,19 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 
 # Where an order carries meaning (engine.orders reads each of these).
-Place = Literal["code", "detail", "body_site", "reason", "note", "instruction", "category", "performer"]
-PLACES: tuple[Place, ...] = ("code", "detail", "body_site", "reason", "note", "instruction", "category", "performer")
+Place = Literal[
+    "code",
+    "detail",
+    "body_site",
+    "reason",
+    "note",
+    "instruction",
+    "category",
+    "performer",
+    "location",
+    "supporting_info",
+]
+PLACES: tuple[Place, ...] = Place.__args__  # type: ignore[attr-defined]
 
 # The fixed vocabulary of evidence a policy's words and codes produce, and its decision rules test.
 EvidenceKind = Literal[
@@ -25,6 +36,9 @@ EvidenceKind = Literal[
     "other-service",  # the order belongs to another service line (laboratory, eye clinic) by category or performer
 ]
 EVIDENCE_KINDS: tuple[str, ...] = EvidenceKind.__args__  # type: ignore[attr-defined]
+# What a guessed reading (a typo, an abbreviation, a word cut at a field's end) may be read as: the order's own
+# subject. A guess may help recognise what the order names; it must never create evidence against it.
+GUESS_KINDS: frozenset[str] = frozenset({"technique", "ambiguous-technique", "anatomy"})
 
 # ConText categories (Harkema et al. 2009, "ConText: an algorithm for determining negation, experiencer, and
 # temporal status from clinical reports"), with "affirmed" for a mention the order asserts and "requested" for one
@@ -223,6 +237,28 @@ class TechniqueSpec(Strict):
     places: list[Place] | None = None
 
 
+class ConceptSpec(Strict):
+    """A class of words that mean one thing in an order (a modality able to record motion, a movement, a non-motion
+    use such as guidance): the parts compositions are built from."""
+
+    terms: Annotated[Terms, Field(min_length=1)]
+
+
+ConceptName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]*$")]
+
+
+class CompositionSpec(Strict):
+    """A technique named by its parts: one concept of every `all` entry (a list is any one of its concepts) within
+    one sentence of one text, and none of `unless` in that sentence."""
+
+    name: Text
+    # The technique the composition names (one of `techniques:`): its group, places and needs_anatomy default.
+    technique: Text
+    all: Annotated[list[ConceptName | Annotated[list[ConceptName], Field(min_length=1)]], Field(min_length=2)]
+    unless: list[ConceptName] = Field(default_factory=list)
+    needs_anatomy: bool | None = None
+
+
 class RegionSpec(Strict):
     codes: dict[str, dict[str, Text]] = Field(default_factory=dict)
     terms: Terms = Field(default_factory=list)
@@ -317,6 +353,9 @@ class Recognition(Strict):
         Annotated[str, Field(pattern=r"^[a-z0-9]+$")], Annotated[str, Field(pattern=r"^[a-z0-9 ]+$")]
     ] = Field(default_factory=dict)
     typos: TyposSpec | None = None
+    # Concept classes by name, and the techniques composed of them (engine.compose; docs/policy-concepts.md).
+    concepts: dict[ConceptName, ConceptSpec] = Field(default_factory=dict)
+    compositions: list[CompositionSpec] = Field(default_factory=list)
 
 
 class Condition(Strict):
