@@ -121,6 +121,40 @@ def test_a_duplicate_term_names_both_places(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("technique", "old", "again"),
+    [
+        # Once plain, once with an attribute that changes its kind: the plain one already counts.
+        (1, "        - cine\n", "{term: cine, needs_anatomy: false}"),
+        # Once plain, once case-sensitive (alone or with any_case_with): the plain one matches every case.
+        (0, "        - zetagraphy\n", "{term: ZETAGRAPHY, case: true}"),
+        (0, "        - zetagraphy\n", "{term: zetagraphy, case: true}"),
+        (0, "        - zetagraphy\n", "{term: ZETAGRAPHY, case: true, any_case_with: [anatomy]}"),
+        # Once plain, once with its places: reported before this change too, and still.
+        (0, "        - zetagraphy\n", "{term: zetagraphy, places: [code]}"),
+    ],
+)
+def test_a_term_listed_plain_and_again_as_a_mapping_is_a_duplicate(
+    tmp_path: Path, technique: int, old: str, again: str
+) -> None:
+    path = edited(tmp_path, (old, f"{old}        - {again}\n"))
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first, second = lines.index(old.rstrip("\n")) + 1, line_of(path, again)
+    [problem] = problems(path)
+    index = 1  # both words are their technique's second term
+    assert problem.startswith(
+        f"{path}: recognition.techniques[{technique}].terms[{index + 1}], line {second}: duplicate term "
+    )
+    assert f"already listed at recognition.techniques[{technique}].terms[{index}] (line {first})" in problem
+
+
+def test_case_sensitive_spellings_of_one_acronym_are_two_terms(tmp_path: Path) -> None:
+    old = "        - {term: ZS, case: true}\n"
+    path = edited(tmp_path, (old, old + "        - {term: Zs, case: true}\n"))
+    policy, found = load_policy_file(path)
+    assert found == [] and policy is not None
+
+
 def test_a_word_that_is_both_a_technique_and_a_look_alike_is_a_contradiction(tmp_path: Path) -> None:
     old = "      terms: [injection, guided, {term: ESI, case: true}]"
     path = edited(tmp_path, (old, "      terms: [injection, guided, Zeta Scan, {term: ESI, case: true}]"))

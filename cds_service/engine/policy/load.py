@@ -281,6 +281,7 @@ class _Compiler:
                             f"contradiction: {alias} {code} is {_describe(kind, group)} here and "
                             f"{_describe(other_kind, other_group)} at {format_path(other_path)}",
                         )
+        _written_again_with_attributes(self)
 
     def term_text(self, path: Loc) -> str:
         node: Any = self.located.data
@@ -292,6 +293,38 @@ class _Compiler:
         if isinstance(node, dict):
             return str(node.get("term") or node.get("pattern"))
         return str(node)
+
+
+def _written_again_with_attributes(c: _Compiler) -> None:
+    """A term listed twice in one group, once plain and once as a mapping whose attributes change its kind or case
+    (`{term: cine, needs_anatomy: false}`, `{term: CINE, case: true}` beside `cine`): the plain term already matches
+    every case, so the second listing is a duplicate whose attributes never had the effect the analyst meant."""
+    by_word: dict[str, list[tuple[tuple[bool, str], str, str, Loc]]] = {}
+    for key, uses in c.seen_terms.items():
+        for kind, group, path in uses:
+            by_word.setdefault(term_key(c.term_text(path), case=False), []).append((key, kind, group, path))
+    for uses in by_word.values():
+        for i, (key, kind, group, path) in enumerate(uses):
+            for other_key, other_kind, other_group, other_path in uses[:i]:
+                if group != other_group or _family(kind) != _family(other_kind):
+                    continue
+                if key == other_key and kind == other_kind:
+                    continue  # check_duplicates reports it
+                if key[0] and other_key[0]:
+                    continue  # two case-sensitive spellings ("DMX", "Dmx") are two terms
+                first, second = sorted(
+                    [(other_path, other_key), (path, key)], key=lambda u: c.located.line_of(u[0]) or 0
+                )
+                c.problem(
+                    second[0],
+                    f"duplicate term {c.term_text(second[0])!r}: already listed at {format_path(first[0])} "
+                    f"(line {c.located.line_of(first[0])}) as {c.term_text(first[0])!r}; one listing with the "
+                    "attributes it needs is enough",
+                )
+
+
+def _family(kind: str) -> str:
+    return "technique" if kind in ("technique", "ambiguous-technique") else kind
 
 
 def _describe(kind: str, group: str) -> str:
