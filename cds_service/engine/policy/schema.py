@@ -294,6 +294,15 @@ class BillingCodeSpec(Strict):
 
 
 class Recognition(Strict):
+    # The shared language files (languages/<code>.yaml) whose ConText lexicon, answers, abbreviations and typo
+    # settings this policy reads orders with; a section written below replaces theirs.
+    languages: Annotated[
+        list[Annotated[str, Field(pattern=r"^[a-z]{2}$")]],
+        Field(
+            description="Language files the policy uses, e.g. [en, es]; a context, terminators, questions, "
+            "abbreviations or typos section written in the policy replaces the languages' one"
+        ),
+    ] = Field(default_factory=lambda: ["en"])
     code_systems: Annotated[dict[str, Annotated[list[str], Field(min_length=1)]], Field(min_length=1)]
     places: dict[EvidenceKind, list[Place]]
     # The order's own fields, read together: a combination's words may be split over them.
