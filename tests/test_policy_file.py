@@ -543,3 +543,27 @@ def test_a_billing_code_inside_a_look_alike_range_is_a_contradiction(tmp_path: P
     path = edited(tmp_path, (billing, billing + '      "78305": Bone imaging, synthetic\n'))
     [problem] = problems(path)
     assert "contradiction" in problem and "78305" in problem
+
+
+# --- rules marked for review (possible misses) ------------------------------------------------------------------------
+
+
+def test_rules_marked_for_review_load_with_the_mark() -> None:
+    [policy] = load_policies(SYNTHETIC.parent).policies
+    assert {r.id for r in policy.rules if r.review} == {"technique-without-limb", "billing-code-alone"}
+
+
+def test_review_belongs_to_not_flagged_rules(tmp_path: Path) -> None:
+    old = "    verdict: flagged\n    reason: a billing code of the policy with limb evidence\n"
+    path = edited(tmp_path, (old, "    verdict: flagged\n    review: true  # here\n" + old.split("\n", 1)[1]))
+    assert problems(path) == [
+        f"{path}: decision[8].review, line {line_of(path, 'review: true  # here')}: "
+        "review: true marks a not-flagged rule whose orders may be misses; this one flags"
+    ]
+
+
+def test_review_must_be_true_or_false(tmp_path: Path) -> None:
+    old = "    review: true\n    reason: billing code without limb evidence\n"
+    path = edited(tmp_path, (old, "    review: often\n    reason: billing code without limb evidence\n"))
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}: decision[13].review, line {line_of(path, 'review: often')}: ")

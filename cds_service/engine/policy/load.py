@@ -656,7 +656,11 @@ def _rules(c: _Compiler, spec: s.PolicyFile) -> tuple[Rule, ...]:
         if when is None and i != len(spec.decision) - 1:
             c.problem(path, f"rule {rule.id!r} has no `when:`, so it always holds and the rules after it never apply")
         reason = c.fill(rule.reason, {}, (*path, "reason"), keep=allowed)
-        rules.append(Rule(rule.id, when, rule.verdict, reason))
+        if rule.review and rule.verdict == "flagged":
+            c.problem(
+                (*path, "review"), "review: true marks a not-flagged rule whose orders may be misses; this one flags"
+            )
+        rules.append(Rule(rule.id, when, rule.verdict, reason, review=rule.review))
     if spec.decision and spec.decision[-1].when is not None:
         c.problem(
             ("decision", len(spec.decision) - 1),

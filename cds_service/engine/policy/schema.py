@@ -368,6 +368,11 @@ class Rule(Strict):
     reason: Annotated[
         str, Field(min_length=1, description="Placeholders: {status}, {intent}, {deciding} and evidence kinds")
     ]
+    # A not-flagged rule that decides orders which came close (a technique without the spine, a look-alike beside a
+    # technique): a miss raises no card, so the report lists these orders for the analyst ("possible misses").
+    review: Annotated[
+        bool, Field(description="List the orders this not-flagged rule decides as possible misses in the report")
+    ] = False
 
 
 class PolicyFile(Strict):
