@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import yaml
 
+from cds_service import create_app
 from cds_service.engine import Policy, judge, read_order
 from cds_service.engine.policy import language_json_schema, load_policy_file
 
-from .builders import service_request
+from .builders import hook_request, service_request
 from .conftest import ROOT
 from .process_support import cds_service_command
 from .test_policy_file import schema_errors
@@ -276,3 +277,29 @@ def test_the_language_schema_command_and_file_and_the_shipped_languages_agree() 
 def test_the_shipped_languages_load_without_problems(code: str, tmp_path: Path) -> None:
     path = policy_folder(tmp_path, ("  languages: [zz]\n", f"  languages: [{code}]\n"), languages={})
     loaded(path)
+
+
+# --- a live reload takes the policy folder's own languages with it ----------------------------------------------------
+
+
+def test_a_reload_through_a_snapshot_reads_the_folders_edited_language(tmp_path: Path) -> None:
+    path = policy_folder(tmp_path)
+    app = create_app({"AUTH": "off", "DATABASE_URL": f"sqlite:///{tmp_path / 'c.sqlite3'}", "POLICY_DIR": path.parent})
+    reloader = app.extensions["cds_reloader"]
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    reloader.serve_from(str(state))  # as `serve` does: every reload checks a snapshot copy of the folder
+    client = app.test_client()
+
+    def flagged(text: str) -> bool:
+        body = hook_request("order-sign", [service_request("o1", text=text)])
+        response = client.post("/cds-services/test-order-sign", json=body)
+        assert response.status_code == 200
+        return bool(response.get_json()["cards"])
+
+    assert flagged("olden zeta scan of the arm")
+    language = path.parent / "languages" / "zz.yaml"
+    language.write_text(ZZ.replace("[yore]", "[yore, olden]"), encoding="utf-8")
+    assert reloader.reload() is True
+    assert not flagged("olden zeta scan of the arm")
+    app.extensions["cds_store"].close()
