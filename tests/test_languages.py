@@ -207,6 +207,14 @@ def test_an_unknown_language_is_a_problem_of_the_policy_with_a_hint(tmp_path: Pa
     assert "no language file zx.yaml" in problem and "known: en, es, zz" in problem
 
 
+def test_a_language_named_twice(tmp_path: Path) -> None:
+    path = policy_folder(tmp_path, ("  languages: [zz]\n", "  languages: [zz, zz]\n"))
+    [problem] = problems_of(path)
+    assert problem == f"{path}: recognition.languages[1], line {line_of(path, 'languages: [zz, zz]')}: " + (
+        "language 'zz' is named twice"
+    )
+
+
 def test_one_trigger_name_with_two_behaviours_across_languages(tmp_path: Path) -> None:
     yy = YY.replace("window: 4", "window: 5")
     path = policy_folder(tmp_path, ("  languages: [zz]\n", "  languages: [zz, yy]\n"), languages={"zz": ZZ, "yy": yy})

@@ -393,9 +393,9 @@ _CODE_LABEL = re.compile(r"^(?P<system>\S+) (?P<code>\S+)(?: (?P<display>.+))?$"
 
 @dataclass
 class _Miss:
+    # The rule, not its filled reason: a reason may quote an order's notes, and the queue shows order text only.
     policy: str
     rule: str
-    reason: str
     order_name: str
     codes: tuple[tuple[str, str, str], ...]
     count: int
@@ -423,12 +423,12 @@ class PossibleMisses:
         key = (record.policy, " ".join(record.order_name.split()), tuple(sorted(codes)))
         miss = self.orders.get(key)
         if miss is None:
-            miss = self.orders[key] = _Miss(record.policy, record.rule, record.reason, key[1], key[2], 0, at, at)
+            miss = self.orders[key] = _Miss(record.policy, record.rule, key[1], key[2], 0, at, at)
         miss.count += 1
         miss.first_seen, miss.last_seen = min(miss.first_seen, at), max(miss.last_seen, at)
         miss.versions.add(record.policy_version)
         if at >= miss.last_seen:  # the latest judgement names the rule
-            miss.rule, miss.reason = record.rule, record.reason
+            miss.rule = record.rule
 
     def summary(self) -> dict[str, Any]:
         ordered = sorted(self.orders.values(), key=lambda m: (-m.count, m.policy, m.rule, m.order_name, m.codes))
@@ -442,7 +442,6 @@ class PossibleMisses:
                 {
                     "policy": m.policy,
                     "rule": m.rule,
-                    "reason": m.reason,
                     "orderName": m.order_name,
                     "codes": [
                         {"system": system, "code": code, "display": display} for system, code, display in m.codes
@@ -496,7 +495,7 @@ def possible_miss_examples(
             {
                 "id": eid,
                 "label": "",
-                "why": f"possible miss: rule {miss['rule']} ({miss['reason']}); {miss['count']} time(s), {seen}",
+                "why": f"possible miss: rule {miss['rule']}; {miss['count']} time(s), {seen}",
                 "policy": miss["policy"],
                 "resource": resource,
             }

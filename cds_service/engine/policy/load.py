@@ -1021,6 +1021,9 @@ def _with_languages(
     for i, code in enumerate(codes):
         path = language_path(code, source.parent, packaged)
         where: Loc = ("recognition", "languages", i)
+        if code in codes[:i]:
+            problems.append(Problem(source, where, located.line_of(where), f"language {code!r} is named twice"))
+            continue
         if path is None:
             known = sorted({p.stem for folder in (source.parent, packaged) for p in language_files(folder)})
             close = difflib.get_close_matches(code, known, n=1)
