@@ -15,7 +15,7 @@ from . import config as config_module
 from .calls import answer
 from .engine import InvalidRequest, Outcome, PolicyError, Service, describe, parse_hook_request, parse_json
 from .engine.examples import ExampleReport, run_examples
-from .engine.policy import PolicySet, check_policies, json_schema, packaged_policy_dir
+from .engine.policy import PolicySet, check_policies, json_schema, language_json_schema, packaged_policy_dir
 from .errors import BadRequest, ServiceError
 from .runtime import build_runtime, services_of
 
@@ -188,8 +188,9 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_schema(args: argparse.Namespace) -> int:
-    """The JSON Schema of the policy format (for editors: yaml-language-server, VS Code)."""
-    _out(orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2).decode())
+    """The JSON Schema of the policy format, or of a language file (for editors: yaml-language-server, VS Code)."""
+    schema = language_json_schema() if args.language else json_schema()
+    _out(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode())
     return 0
 
 
@@ -233,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_policy)
 
     schema = sub.add_parser("policy-schema", help="print the JSON Schema of the policy file format")
+    schema.add_argument(
+        "--language", action="store_true", help="the schema of a language file (languages/<code>.yaml) instead"
+    )
     schema.set_defaults(func=cmd_policy_schema)
 
     from .store.commands import register as register_store_commands

@@ -15,6 +15,18 @@ PREFIX = "CDS_"
 # into cds_service/web/, so an upgrade finds the same database.
 FLASK_IMPORT_NAME = "cds_service.app"
 
+
+def instance_folder() -> str:
+    """The instance folder Flask derives for FLASK_IMPORT_NAME (from the package's location only), computed without
+    looking that former module up: the app and the commands that open the store without an app use the same one."""
+    from flask.sansio.scaffold import find_package
+
+    prefix, package_path = find_package("cds_service")
+    if prefix is None:
+        return os.path.join(package_path, "instance")
+    return os.path.join(prefix, "var", f"{FLASK_IMPORT_NAME}-instance")
+
+
 # Every setting the service reads, with its default. docs/operators.md (Settings) documents each one.
 DEFAULTS: dict[str, Any] = {
     "POLICY_DIR": None,  # None: the packaged cards/

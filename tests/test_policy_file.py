@@ -121,6 +121,40 @@ def test_a_duplicate_term_names_both_places(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("technique", "old", "again"),
+    [
+        # Once plain, once with an attribute that changes its kind: the plain one already counts.
+        (1, "        - cine\n", "{term: cine, needs_anatomy: false}"),
+        # Once plain, once case-sensitive (alone or with any_case_with): the plain one matches every case.
+        (0, "        - zetagraphy\n", "{term: ZETAGRAPHY, case: true}"),
+        (0, "        - zetagraphy\n", "{term: zetagraphy, case: true}"),
+        (0, "        - zetagraphy\n", "{term: ZETAGRAPHY, case: true, any_case_with: [anatomy]}"),
+        # Once plain, once with its places: reported before this change too, and still.
+        (0, "        - zetagraphy\n", "{term: zetagraphy, places: [code]}"),
+    ],
+)
+def test_a_term_listed_plain_and_again_as_a_mapping_is_a_duplicate(
+    tmp_path: Path, technique: int, old: str, again: str
+) -> None:
+    path = edited(tmp_path, (old, f"{old}        - {again}\n"))
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first, second = lines.index(old.rstrip("\n")) + 1, line_of(path, again)
+    [problem] = problems(path)
+    index = 1  # both words are their technique's second term
+    assert problem.startswith(
+        f"{path}: recognition.techniques[{technique}].terms[{index + 1}], line {second}: duplicate term "
+    )
+    assert f"already listed at recognition.techniques[{technique}].terms[{index}] (line {first})" in problem
+
+
+def test_case_sensitive_spellings_of_one_acronym_are_two_terms(tmp_path: Path) -> None:
+    old = "        - {term: ZS, case: true}\n"
+    path = edited(tmp_path, (old, old + "        - {term: Zs, case: true}\n"))
+    policy, found = load_policy_file(path)
+    assert found == [] and policy is not None
+
+
 def test_a_word_that_is_both_a_technique_and_a_look_alike_is_a_contradiction(tmp_path: Path) -> None:
     old = "      terms: [injection, guided, {term: ESI, case: true}]"
     path = edited(tmp_path, (old, "      terms: [injection, guided, Zeta Scan, {term: ESI, case: true}]"))
@@ -509,3 +543,27 @@ def test_a_billing_code_inside_a_look_alike_range_is_a_contradiction(tmp_path: P
     path = edited(tmp_path, (billing, billing + '      "78305": Bone imaging, synthetic\n'))
     [problem] = problems(path)
     assert "contradiction" in problem and "78305" in problem
+
+
+# --- rules marked for review (possible misses) ------------------------------------------------------------------------
+
+
+def test_rules_marked_for_review_load_with_the_mark() -> None:
+    [policy] = load_policies(SYNTHETIC.parent).policies
+    assert {r.id for r in policy.rules if r.review} == {"technique-without-limb", "billing-code-alone"}
+
+
+def test_review_belongs_to_not_flagged_rules(tmp_path: Path) -> None:
+    old = "    verdict: flagged\n    reason: a billing code of the policy with limb evidence\n"
+    path = edited(tmp_path, (old, "    verdict: flagged\n    review: true  # here\n" + old.split("\n", 1)[1]))
+    assert problems(path) == [
+        f"{path}: decision[8].review, line {line_of(path, 'review: true  # here')}: "
+        "review: true marks a not-flagged rule whose orders may be misses; this one flags"
+    ]
+
+
+def test_review_must_be_true_or_false(tmp_path: Path) -> None:
+    old = "    review: true\n    reason: billing code without limb evidence\n"
+    path = edited(tmp_path, (old, "    review: often\n    reason: billing code without limb evidence\n"))
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}: decision[13].review, line {line_of(path, 'review: often')}: ")

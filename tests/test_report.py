@@ -221,6 +221,8 @@ EXPECTED_SINCE: dict[str, Any] = {
             {"status": 401, "count": 1, "reasons": [{"reason": "authentication failed: expired", "count": 1}]},
         ],
     },
+    # No not-flagged order of these calls was decided by a rule marked for review (tests/test_possible_misses.py).
+    "possibleMisses": {"total": 0, "byRule": [], "orders": []},
 }
 
 

@@ -114,6 +114,8 @@ class VerdictRecord:
     evidence_against: tuple[EvidenceRecord, ...] = ()
     region: str | None = None
     version: int = VERDICT_RECORD_VERSION
+    # The deciding rule is marked `review: true`: a not-flagged order the report lists as a possible miss.
+    review: bool = False
 
     @classmethod
     def of(cls, verdict: Verdict) -> VerdictRecord:
@@ -129,6 +131,7 @@ class VerdictRecord:
             evidence_for=tuple(EvidenceRecord.of(e) for e in verdict.evidence_for),
             evidence_against=tuple(EvidenceRecord.of(e) for e in verdict.evidence_against),
             region=verdict.region,
+            review=any(rule.review for rule in verdict.policy.rules if rule.id == verdict.rule),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -147,6 +150,8 @@ class VerdictRecord:
         }
         if self.region:
             out["region"] = self.region
+        if self.review:
+            out["review"] = True
         return out
 
     @classmethod
@@ -177,6 +182,7 @@ class VerdictRecord:
             evidence_against=items("evidenceAgainst"),
             region=data.get("region") if isinstance(data.get("region"), str) else None,
             version=version,
+            review=data.get("review") is True,
         )
 
 

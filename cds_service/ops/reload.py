@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..engine.policy import PolicySet, check_policies, load_policies, packaged_policy_dir, policy_files
+from ..engine.policy import PolicySet, check_policies, language_files, load_policies, packaged_policy_dir, policy_files
+from ..engine.policy.language import LANGUAGES_DIR
 from . import metrics
 from .logs import now_iso
 
@@ -124,6 +125,11 @@ class PolicyReloader:
         target.mkdir(mode=0o700)
         for path in policy_files(self.folder):
             shutil.copyfile(path, target / path.name)
+        own = language_files(self.folder)
+        if own:  # the folder's own languages are part of its policies; the shipped ones are not copied
+            (target / LANGUAGES_DIR).mkdir(mode=0o700)
+            for path in own:
+                shutil.copyfile(path, target / LANGUAGES_DIR / path.name)
         snapshots = sorted(self.state_dir.glob("policies-*"), key=lambda p: p.stat().st_mtime_ns)
         for old in snapshots[:-_KEEP_SNAPSHOTS]:
             shutil.rmtree(old, ignore_errors=True)

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import orjson
 
 from .. import config as config_module
 from ..config import Settings
 from . import Store, open_store
 from .db import SchemaTooNew, StoreUnavailable, safe_url
 from .maintenance import parse_age, purge
-from .report import FALSE_ALARM_CODES, build_report, render_csv, render_json, render_text
+from .report import FALSE_ALARM_CODES, build_report, possible_miss_examples, render_csv, render_json, render_text
 
 
 def _say(text: str, *, error: bool = False) -> None:
@@ -22,10 +25,8 @@ def _say(text: str, *, error: bool = False) -> None:
 
 
 def instance_path() -> str:
-    """The same instance folder the app uses (Flask derives it from the package's location)."""
-    from flask import Flask
-
-    return Flask(config_module.FLASK_IMPORT_NAME, instance_relative_config=True).instance_path
+    """The same instance folder the app uses."""
+    return config_module.instance_folder()
 
 
 def _store() -> Store:
@@ -75,16 +76,44 @@ def cmd_audit_purge(args: argparse.Namespace) -> int:
     return 0
 
 
-def reason_displays(settings: Settings) -> dict[tuple[str, str], str]:
-    """Override reasons' displays by (system, code), from the policies the service uses; none if they do not load."""
+@dataclass
+class PolicyFacts:
+    """What the report takes from the policies the service uses (empty when they do not load)."""
+
+    # Override reasons' displays by (system, code).
+    reason_displays: dict[tuple[str, str], str] = field(default_factory=dict)
+    # Per policy id, the rules marked `review: true` now (for audit records written before the mark was kept).
+    review_rules: dict[str, frozenset[str]] = field(default_factory=dict)
+    # Per policy id, the code system URI of each system name evidence labels show ("CPT" -> the CPT URI).
+    systems: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def policy_facts(settings: Settings) -> PolicyFacts:
     from ..engine import PolicyError, load_policies
+    from ..engine.evidence import system_name
 
     try:
         policies = load_policies(settings.policy_dir)
     except (PolicyError, OSError) as exc:
-        _say(f"cds-service: override reasons are shown by code only; the policies did not load: {exc}", error=True)
-        return {}
-    return {(r.system, r.code): r.display for p in policies.policies for r in p.card.override_reasons}
+        _say(
+            "cds-service: override reasons are shown by code only and possible misses use the rules marked in the "
+            f"audit log only; the policies did not load: {exc}",
+            error=True,
+        )
+        return PolicyFacts()
+    return PolicyFacts(
+        reason_displays={(r.system, r.code): r.display for p in policies.policies for r in p.card.override_reasons},
+        review_rules={p.id: frozenset(r.id for r in p.rules if r.review) for p in policies.policies},
+        systems={
+            p.id: {system_name(alias): uri for alias, uri in p.recognition.canonical_system.items()}
+            for p in policies.policies
+        },
+    )
+
+
+def reason_displays(settings: Settings) -> dict[tuple[str, str], str]:
+    """Override reasons' displays by (system, code), from the policies the service uses; none if they do not load."""
+    return policy_facts(settings).reason_displays
 
 
 def cmd_audit_replay_spill(args: argparse.Namespace) -> int:
@@ -108,6 +137,12 @@ def cmd_audit_replay_spill(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.possible_misses and args.format != "json":
+        _say(
+            "cds-service: --possible-misses writes labelled examples (cards/examples/*.json): add --format json",
+            error=True,
+        )
+        return 2
     render = {"text": render_text, "json": render_json, "csv": render_csv}.get(args.format)
     if render is None:  # html: the charting library is an optional extra; say which before reading anything
         try:
@@ -123,19 +158,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         store.ensure_schema()
         codes = tuple(args.false_alarm_reason or FALSE_ALARM_CODES)
+        facts = policy_facts(config_module.load({"AUDIT": False}))
         report = build_report(
             store.db,
             since=args.since,
             until=args.until,
-            reason_displays=reason_displays(config_module.load({"AUDIT": False})),
+            reason_displays=facts.reason_displays,
             false_alarm_codes=codes,
+            review_rules=facts.review_rules,
         )
     except (StoreUnavailable, SchemaTooNew) as exc:
         _say(f"cds-service: {exc}", error=True)
         return 1
     finally:
         store.db.dispose()
-    text = render(report)
+    if args.possible_misses:
+        examples = possible_miss_examples(report, facts.systems)
+        text = orjson.dumps(examples, option=orjson.OPT_INDENT_2).decode() + "\n"
+    else:
+        text = render(report)
     if args.output:
         try:
             Path(args.output).write_text(text, encoding="utf-8")
@@ -282,5 +323,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="append",
         metavar="CODE",
         help="override reason code that marks a possible false alarm (repeatable; default: not-dsv)",
+    )
+    report.add_argument(
+        "--possible-misses",
+        action="store_true",
+        help="with --format json: write the possible misses as labelled examples with an empty label, for an analyst "
+        "to label and add to the policy's examples",
     )
     report.set_defaults(func=cmd_report)

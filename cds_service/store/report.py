@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
+import re
 import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -42,6 +45,10 @@ DEFINITIONS = [
     "version that judged its order.",
     "Possible false alarms: cards whose latest outcome is an override with a reason that says the order was not "
     "what the policy is about (by default the code not-dsv).",
+    "Possible misses: orders not flagged by a decision rule the policy marks `review: true` (as the audit log "
+    "recorded it, or as the policy marks it now for records written before the mark was kept). Counted per call "
+    "like judged orders; listed by order name (the order's own text), never with patient, practitioner or encounter "
+    "identifiers.",
 ]
 # Override reason codes that say "this card should not have fired" (the policy's not-dsv reason).
 FALSE_ALARM_CODES: tuple[str, ...] = ("not-dsv",)
@@ -104,6 +111,7 @@ def build_report(
     until: datetime | None = None,
     reason_displays: Mapping[tuple[str, str], str] | None = None,
     false_alarm_codes: tuple[str, ...] = FALSE_ALARM_CODES,
+    review_rules: Mapping[str, frozenset[str]] | None = None,
 ) -> dict[str, Any]:
     """Every number of the report, computed from the audit log and feedback tables.
 
@@ -111,6 +119,8 @@ def build_report(
     (the CDS Hooks sandbox sends {code, system}), and the committee reads the words the card offered.
     """
     reason_displays = reason_displays or {}
+    review_rules = review_rules or {}
+    misses = PossibleMisses()
     until = until or datetime.now(UTC)
     weeks: dict[date, Counter[str]] = defaultdict(Counter)
     by_version: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
@@ -165,6 +175,8 @@ def build_report(
                 judged_by_policy[key]["judged"] += 1
                 seen = version_seen.setdefault(key, [started_at, started_at])
                 seen[0], seen[1] = min(seen[0], started_at), max(seen[1], started_at)
+                if not record.flagged and (record.review or record.rule in review_rules.get(record.policy, ())):
+                    misses.add(record, started_at)
                 if record.flagged:
                     flagged += 1
                     week["flagged"] += 1
@@ -370,8 +382,125 @@ def build_report(
         "byWeek": _weekly(weeks, since, until),
         "policyVersions": _versions(judged_by_policy, by_version, version_seen),
         "falseAlarms": false_alarms,
+        "possibleMisses": misses.summary(),
         "definitions": DEFINITIONS,
     }
+
+
+# Billing codes kept in a verdict record's evidence label: "CPT 76496 Unlisted fluoroscopic procedure".
+_CODE_LABEL = re.compile(r"^(?P<system>\S+) (?P<code>\S+)(?: (?P<display>.+))?$")
+
+
+@dataclass
+class _Miss:
+    # The rule, not its filled reason: a reason may quote an order's notes, and the queue shows order text only.
+    policy: str
+    rule: str
+    order_name: str
+    codes: tuple[tuple[str, str, str], ...]
+    count: int
+    first_seen: datetime
+    last_seen: datetime
+    versions: set[str] = field(default_factory=set)
+
+
+class PossibleMisses:
+    """Not-flagged orders decided by a rule marked for review, grouped by policy, order name and billing codes."""
+
+    def __init__(self) -> None:
+        self.orders: dict[tuple[str, str, tuple[tuple[str, str, str], ...]], _Miss] = {}
+        self.by_rule: Counter[tuple[str, str, str]] = Counter()
+
+    def add(self, record: VerdictRecord, at: datetime) -> None:
+        self.by_rule[(record.policy, record.policy_version, record.rule)] += 1
+        # What the audit keeps of the order: its name and the evidence labels; the billing codes in the order's
+        # code are read back from those labels (system name, code, display). Nothing else of the order is kept.
+        codes: list[tuple[str, str, str]] = []
+        for item in (*record.evidence_for, *record.evidence_against, *record.deciding):
+            found = _CODE_LABEL.match(item.label) if item.kind == "billing-code" and item.place == "code" else None
+            if found and (found["system"], found["code"], found["display"] or "") not in codes:
+                codes.append((found["system"], found["code"], found["display"] or ""))
+        key = (record.policy, " ".join(record.order_name.split()), tuple(sorted(codes)))
+        miss = self.orders.get(key)
+        if miss is None:
+            miss = self.orders[key] = _Miss(record.policy, record.rule, key[1], key[2], 0, at, at)
+        miss.count += 1
+        miss.first_seen, miss.last_seen = min(miss.first_seen, at), max(miss.last_seen, at)
+        miss.versions.add(record.policy_version)
+        if at >= miss.last_seen:  # the latest judgement names the rule
+            miss.rule = record.rule
+
+    def summary(self) -> dict[str, Any]:
+        ordered = sorted(self.orders.values(), key=lambda m: (-m.count, m.policy, m.rule, m.order_name, m.codes))
+        return {
+            "total": sum(self.by_rule.values()),
+            "byRule": [
+                {"policy": policy, "version": version, "rule": rule, "orders": count}
+                for (policy, version, rule), count in sorted(self.by_rule.items(), key=lambda kv: (-kv[1], kv[0]))
+            ],
+            "orders": [
+                {
+                    "policy": m.policy,
+                    "rule": m.rule,
+                    "orderName": m.order_name,
+                    "codes": [
+                        {"system": system, "code": code, "display": display} for system, code, display in m.codes
+                    ],
+                    "count": m.count,
+                    "versions": sorted(m.versions),
+                    "firstSeen": _iso(m.first_seen),
+                    "lastSeen": _iso(m.last_seen),
+                }
+                for m in ordered
+            ],
+        }
+
+
+def possible_miss_examples(
+    report: dict[str, Any], systems: Mapping[str, Mapping[str, str]] | None = None
+) -> list[dict[str, Any]]:
+    """The report's possible misses as labelled examples (cards/examples/*.json) with an empty label, for an analyst
+    to label and add to the policy's examples. The resource holds what the audit keeps: the order's name as its code
+    text and the billing codes of its code (`systems`: per policy, the code system URI of each system name shown
+    in evidence, e.g. {"CPT": "http://www.ama-assn.org/go/cpt"}); no patient, practitioner or encounter reference."""
+    systems = systems or {}
+    out: list[dict[str, Any]] = []
+    for miss in report["possibleMisses"]["orders"]:
+        codes = [(c["system"], c["code"], c["display"]) for c in miss["codes"]]
+        digest = hashlib.sha256(repr((miss["policy"], miss["orderName"], codes)).encode()).hexdigest()[:12]
+        eid = f"possible-miss-{digest}"
+        code: dict[str, Any] = {}
+        if miss["orderName"]:
+            code["text"] = miss["orderName"]
+        codings = []
+        for system, value, display in codes:
+            coding = {"code": value}
+            uri = systems.get(miss["policy"], {}).get(system)
+            if uri:
+                coding = {"system": uri, "code": value}
+            if display:
+                coding["display"] = display
+            codings.append(coding)
+        if codings:
+            code["coding"] = codings
+        resource: dict[str, Any] = {"resourceType": "ServiceRequest", "id": eid, "status": "draft", "intent": "order"}
+        if code:
+            resource["code"] = code
+        seen = (
+            miss["firstSeen"][:10]
+            if miss["firstSeen"][:10] == miss["lastSeen"][:10]
+            else (f"{miss['firstSeen'][:10]} to {miss['lastSeen'][:10]}")
+        )
+        out.append(
+            {
+                "id": eid,
+                "label": "",
+                "why": f"possible miss: rule {miss['rule']}; {miss['count']} time(s), {seen}",
+                "policy": miss["policy"],
+                "resource": resource,
+            }
+        )
+    return out
 
 
 def _weekly(weeks: dict[date, Counter[str]], since: datetime | None, until: datetime) -> list[dict[str, Any]]:
@@ -535,6 +664,21 @@ def render_text(report: dict[str, Any]) -> str:
     if not alarms:
         add("  (none)")
     add("")
+    misses = report["possibleMisses"]
+    add(f"Possible misses: not flagged by a rule marked for review ({misses['total']})")
+    for r in misses["byRule"]:
+        add(f"  {r['rule']:<32} {r['orders']:>7}   ({r['policy']} {r['version']})")
+    if misses["orders"]:
+        add("  Orders (most frequent first):")
+    for m in misses["orders"][:50]:
+        codes = " ".join(c["code"] for c in m["codes"])
+        name = " ".join(m["orderName"].split())[:60] or "(no name recorded)"
+        add(f"  {m['count']:>5}  {m['rule']:<28} {name}" + (f"  [{codes}]" if codes else ""))
+    if len(misses["orders"]) > 50:
+        add(f"  ... and {len(misses['orders']) - 50} other orders (--format json lists them all)")
+    if not misses["byRule"]:
+        add("  (none)")
+    add("")
     add(f"Errors by status ({errors['total']})")
     for e in errors["byStatus"]:
         add(f"  {e['status']}: {e['count']}")
@@ -602,4 +746,8 @@ def render_csv(report: dict[str, Any]) -> str:
             row(["policy version", name, f"{v['policy']} {v['version']}", v[name]])
     for a in report["falseAlarms"]:
         row(["possible false alarm", a["rule"], a["overriddenAt"], a["orderName"]])
+    for r in report["possibleMisses"]["byRule"]:
+        row(["possible misses", "by rule", f"{r['policy']} {r['version']} {r['rule']}", r["orders"]])
+    for m in report["possibleMisses"]["orders"]:
+        row(["possible miss", m["rule"], m["orderName"], m["count"]])
     return out.getvalue()

@@ -235,6 +235,38 @@ def _false_alarms(report: dict[str, Any]) -> str:
     return table.replace("<table>", '<table id="false-alarms">', 1)
 
 
+def _possible_misses(report: dict[str, Any]) -> str:
+    misses = report["possibleMisses"]
+    if not misses["byRule"]:
+        return "<p>None in the period.</p>"
+    by_rule = _table(
+        ["rule marked for review", "policy version", "orders"],
+        [
+            f'<td data-field="rule">{escape(r["rule"])}</td><td>{escape(r["policy"])} {escape(r["version"])}</td>'
+            + _num(f"possibleMisses.byRule.{i}.orders", r["orders"])
+            for i, r in enumerate(misses["byRule"])
+        ],
+        numeric_from=2,
+    ).replace("<table>", '<table id="possible-misses-by-rule">', 1)
+    orders = _table(
+        ["order", "codes", "rule", "last seen", "times"],
+        [
+            f'<td data-field="orderName">{escape(m["orderName"] or "(no name recorded)")}</td>'
+            f"<td>{escape(' '.join(c['code'] for c in m['codes']))}</td>"
+            f'<td data-field="rule">{escape(m["rule"])}</td>'
+            f"<td>{escape(m['lastSeen'][:10])}</td>" + _num(f"possibleMisses.orders.{i}.count", m["count"])
+            for i, m in enumerate(misses["orders"])
+        ],
+        numeric_from=4,
+    ).replace("<table>", '<table id="possible-misses">', 1)
+    note = (
+        "<p class=muted>Not flagged by a rule the policy marks <code>review: true</code>: a miss raises no card, so "
+        "no clinician reports it. <code>cds-service report --possible-misses --format json</code> writes these orders "
+        "as labelled examples with an empty label.</p>"
+    )
+    return note + by_rule + orders
+
+
 def render_html(report: dict[str, Any]) -> str:
     period = report["period"]
     since = period["since"] or "the first record"
@@ -252,6 +284,7 @@ def render_html(report: dict[str, Any]) -> str:
             "<td>Cards overridden</td>" + _num("feedback.overridden", fb["overridden"]),
             "<td>Override rate</td>" + _num("feedback.overrideRate", fb["overrideRate"], _pct(fb["overrideRate"])),
             "<td>Possible false alarms</td>" + _num("falseAlarms.length", len(report["falseAlarms"])),
+            "<td>Possible misses</td>" + _num("possibleMisses.total", report["possibleMisses"]["total"]),
         ],
     ).replace("<table>", '<table class="summary">', 1)
     definitions = "".join(f"<li>{escape(d)}</li>" for d in report["definitions"])
@@ -264,6 +297,11 @@ def render_html(report: dict[str, Any]) -> str:
             "false-alarms-section",
             "Possible false alarms (overridden as not a dynamic spinal study)",
             _false_alarms(report),
+        ),
+        (
+            "possible-misses-section",
+            "Possible misses (not flagged by a rule marked for review)",
+            _possible_misses(report),
         ),
         ("versions", "By policy version", _versions(report)),
         ("latency", "Latency", _latency(report["latencyMs"])),

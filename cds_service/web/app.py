@@ -31,7 +31,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app. `config` takes the CDS_* setting names without the prefix and wins over the environment."""
     started = time.monotonic()
     settings = Settings.load(config)
-    app = Flask(config_module.FLASK_IMPORT_NAME, root_path=str(Path(__file__).parent), instance_relative_config=True)
+    app = Flask(
+        config_module.FLASK_IMPORT_NAME,
+        root_path=str(Path(__file__).parent),
+        instance_path=config_module.instance_folder(),
+        instance_relative_config=True,
+    )
     app.config.update(settings.as_config())  # read-only view for Flask extensions; the code reads `settings`
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]

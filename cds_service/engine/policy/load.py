@@ -20,6 +20,15 @@ from ..markdown import MAX_DETAIL_WORDS, word_count
 from ..terms import TermError, TermIndex, fold, term_key
 from . import schema as s
 from .concepts import compile_concepts
+from .language import (
+    DEFAULT_LANGUAGES,
+    LANGUAGES_DIR,
+    Language,
+    LanguageFile,
+    language_files,
+    language_path,
+    merged_recognition,
+)
 from .model import (
     COVERED_BY_STATUS,
     Alternative,
@@ -101,11 +110,11 @@ def _known_keys(model: type[BaseModel], loc: Loc) -> list[str]:
     return keys
 
 
-def _message(error: Mapping[str, Any], loc: Loc) -> str:
+def _message(error: Mapping[str, Any], loc: Loc, model: type[BaseModel] = s.PolicyFile) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         key = str(loc[-1])
-        known = _known_keys(s.PolicyFile, loc[:-1])
+        known = _known_keys(model, loc[:-1])
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}" if known else ""
         return f"unknown key {key!r}{hint}"
@@ -130,7 +139,7 @@ def _structure_problems(source: Path, located: Located, model: type[BaseModel], 
         for error in exc.errors():
             loc: Loc = tuple(p for p in error["loc"] if p != "[key]")
             full = (*base, *loc)
-            message = _message(error, full)
+            message = _message(error, full, model)
             if "[key]" in error["loc"]:
                 message = f"key {str(loc[-1])!r}: {message}" if loc else message
             problems.append(Problem(source, full, located.line_of(full), message))
@@ -282,6 +291,7 @@ class _Compiler:
                             f"contradiction: {alias} {code} is {_describe(kind, group)} here and "
                             f"{_describe(other_kind, other_group)} at {format_path(other_path)}",
                         )
+        _written_again_with_attributes(self)
 
     def term_text(self, path: Loc) -> str:
         node: Any = self.located.data
@@ -293,6 +303,38 @@ class _Compiler:
         if isinstance(node, dict):
             return str(node.get("term") or node.get("pattern"))
         return str(node)
+
+
+def _written_again_with_attributes(c: _Compiler) -> None:
+    """A term listed twice in one group, once plain and once as a mapping whose attributes change its kind or case
+    (`{term: cine, needs_anatomy: false}`, `{term: CINE, case: true}` beside `cine`): the plain term already matches
+    every case, so the second listing is a duplicate whose attributes never had the effect the analyst meant."""
+    by_word: dict[str, list[tuple[tuple[bool, str], str, str, Loc]]] = {}
+    for key, uses in c.seen_terms.items():
+        for kind, group, path in uses:
+            by_word.setdefault(term_key(c.term_text(path), case=False), []).append((key, kind, group, path))
+    for listed in by_word.values():
+        for i, (key, kind, group, path) in enumerate(listed):
+            for other_key, other_kind, other_group, other_path in listed[:i]:
+                if group != other_group or _family(kind) != _family(other_kind):
+                    continue
+                if key == other_key and kind == other_kind:
+                    continue  # check_duplicates reports it
+                if key[0] and other_key[0]:
+                    continue  # two case-sensitive spellings ("DMX", "Dmx") are two terms
+                first, second = sorted(
+                    [(other_path, other_key), (path, key)], key=lambda u: c.located.line_of(u[0]) or 0
+                )
+                c.problem(
+                    second[0],
+                    f"duplicate term {c.term_text(second[0])!r}: already listed at {format_path(first[0])} "
+                    f"(line {c.located.line_of(first[0])}) as {c.term_text(first[0])!r}; one listing with the "
+                    "attributes it needs is enough",
+                )
+
+
+def _family(kind: str) -> str:
+    return "technique" if kind in ("technique", "ambiguous-technique") else kind
 
 
 def _describe(kind: str, group: str) -> str:
@@ -628,7 +670,11 @@ def _rules(c: _Compiler, spec: s.PolicyFile) -> tuple[Rule, ...]:
         if when is None and i != len(spec.decision) - 1:
             c.problem(path, f"rule {rule.id!r} has no `when:`, so it always holds and the rules after it never apply")
         reason = c.fill(rule.reason, {}, (*path, "reason"), keep=allowed)
-        rules.append(Rule(rule.id, when, rule.verdict, reason))
+        if rule.review and rule.verdict == "flagged":
+            c.problem(
+                (*path, "review"), "review: true marks a not-flagged rule whose orders may be misses; this one flags"
+            )
+        rules.append(Rule(rule.id, when, rule.verdict, reason, review=rule.review))
     if spec.decision and spec.decision[-1].when is not None:
         c.problem(
             ("decision", len(spec.decision) - 1),
@@ -939,8 +985,13 @@ def load_policy_file(source: Path) -> tuple[Policy | None, list[Problem]]:
     spec = _repaired(located.data) if structure else s.PolicyFile.model_validate(located.data)
     if spec is None:
         return None, problems
+    spec, used, language_problems = _with_languages(source, located, spec)
+    problems += language_problems
+    digest = hashlib.sha256(raw)
+    for part in used:  # a change to a language file the policy reads is a change to the policy
+        digest.update(part)
     compiler = _Compiler(source, located)
-    policy = _compile(compiler, spec, hashlib.sha256(raw).hexdigest())
+    policy = _compile(compiler, spec, digest.hexdigest())
     # A part left out for a format problem can cause follow-on problems (a rule naming a dropped condition): each
     # place is reported once, with the format problem first.
     # ... and a problem on a part that contains a reported one (its parent mapping) is a consequence too.
@@ -949,6 +1000,98 @@ def load_policy_file(source: Path) -> tuple[Policy | None, list[Problem]]:
         p for p in compiler.problems if not any(p.path[: len(r)] == r or r[: len(p.path)] == p.path for r in reported)
     ]
     return (policy if not problems else None), problems
+
+
+# -- shared language files -----------------------------------------------------------------------------------------
+
+
+def _read_language(path: Path) -> tuple[Language | None, bytes, list[Problem]]:
+    """One language file, validated as strictly as a policy: format, terms, answers, each problem with its line."""
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, b"", [Problem(path, (), None, f"cannot read: {exc}")]
+    located = read_yaml(path, text)
+    problems = list(located.problems)
+    if located.data is None or not isinstance(located.data, dict):
+        if not problems:
+            problems.append(Problem(path, (), 1, "a language file holds a mapping (language:, context:, ...)"))
+        return None, raw, problems
+    problems += _structure_problems(path, located, LanguageFile, located.data, ())
+    if problems:
+        return None, raw, problems
+    spec = LanguageFile.model_validate(located.data)
+    if spec.language.code != path.stem:
+        problems.append(
+            Problem(
+                path,
+                ("language", "code"),
+                located.line_of(("language", "code")),
+                f"the file {path.name} must hold language {path.stem!r}, not {spec.language.code!r}",
+            )
+        )
+    c = _Compiler(path, located)
+    index = TermIndex()
+    for i, trigger in enumerate(spec.context):
+        ref = ContextTrigger(trigger.name, trigger.assertion, trigger.direction, trigger.window)
+        for t, term in enumerate(trigger.terms):
+            _add_plain(c, index, term, ref, ("context", i, "terms", t))
+    for t, term in enumerate(spec.terminators):
+        _add_plain(c, index, term, "terminate", ("terminators", t))
+    answers: dict[str, set[str]] = {"yes": set(), "no": set()}
+    for answer in ("yes", "no"):
+        for t, term in enumerate(getattr(spec.questions, answer) if spec.questions else []):
+            if term.term is None:
+                c.problem(("questions", answer, t), "an answer is a word or phrase, not a pattern")
+            else:
+                answers[answer].add(term_key(term.term, case=False))
+    for both in sorted(answers["yes"] & answers["no"]):
+        c.problem(("questions",), f"{both!r} is listed as both a yes and a no answer")
+    try:
+        index.compile()
+    except TermError as exc:
+        c.problem((), str(exc))
+    problems += c.problems
+    return (Language(path, spec, located.lines) if not problems else None), raw, problems
+
+
+def _with_languages(
+    source: Path, located: Located, spec: s.PolicyFile
+) -> tuple[s.PolicyFile, list[bytes], list[Problem]]:
+    """The policy with its languages' sections filled in, the bytes of the language files read, and their problems."""
+    rec = spec.recognition
+    codes = rec.languages if "languages" in rec.model_fields_set else list(DEFAULT_LANGUAGES)
+    packaged = packaged_policy_dir()
+    languages: list[Language] = []
+    used: list[bytes] = []
+    problems: list[Problem] = []
+    for i, code in enumerate(codes):
+        path = language_path(code, source.parent, packaged)
+        where: Loc = ("recognition", "languages", i)
+        if code in codes[:i]:
+            problems.append(Problem(source, where, located.line_of(where), f"language {code!r} is named twice"))
+            continue
+        if path is None:
+            known = sorted({p.stem for folder in (source.parent, packaged) for p in language_files(folder)})
+            close = difflib.get_close_matches(code, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known) or 'none'}"
+            problems.append(
+                Problem(
+                    source,
+                    where,
+                    located.line_of(where),
+                    f"no language file {code}.yaml in {LANGUAGES_DIR}/ here or shipped{hint}",
+                )
+            )
+            continue
+        language, raw, found = _read_language(path)
+        used.append(raw)
+        problems += found
+        if language is not None:
+            languages.append(language)
+    merged, found = merged_recognition(rec, languages)
+    return spec.model_copy(update={"recognition": merged}), used, problems + found
 
 
 def policy_files(folder: Path) -> list[Path]:

@@ -213,6 +213,8 @@ class Rule:
     when: Cond | None
     verdict: Verdict
     reason: str
+    # The orders it decides are possible misses, listed for the analyst (policy `review: true`).
+    review: bool = False
 
     @property
     def flags(self) -> bool:

@@ -334,6 +334,15 @@ class BillingCodeSpec(Strict):
 
 
 class Recognition(Strict):
+    # The shared language files (languages/<code>.yaml) whose ConText lexicon, answers, abbreviations and typo
+    # settings this policy reads orders with; a section written below replaces theirs.
+    languages: Annotated[
+        list[Annotated[str, Field(pattern=r"^[a-z]{2}$")]],
+        Field(
+            description="Language files the policy uses, e.g. [en, es]; a context, terminators, questions, "
+            "abbreviations or typos section written in the policy replaces the languages' one"
+        ),
+    ] = Field(default_factory=lambda: ["en"])
     code_systems: Annotated[dict[str, Annotated[list[str], Field(min_length=1)]], Field(min_length=1)]
     places: dict[EvidenceKind, list[Place]]
     # The order's own fields, read together: a combination's words may be split over them.
@@ -402,6 +411,11 @@ class Rule(Strict):
     reason: Annotated[
         str, Field(min_length=1, description="Placeholders: {status}, {intent}, {deciding} and evidence kinds")
     ]
+    # A not-flagged rule that decides orders which came close (a technique without the spine, a look-alike beside a
+    # technique): a miss raises no card, so the report lists these orders for the analyst ("possible misses").
+    review: Annotated[
+        bool, Field(description="List the orders this not-flagged rule decides as possible misses in the report")
+    ] = False
 
 
 class PolicyFile(Strict):
