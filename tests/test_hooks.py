@@ -34,15 +34,22 @@ def test_discovery_lists_one_service_per_hook(client: FlaskClient) -> None:
     response = client.get("/cds-services")
     assert response.status_code == 200
     services = response.get_json()["services"]
-    assert {s["hook"] for s in services} == {"order-select", "order-sign"}
-    assert len({s["id"] for s in services}) == len(services) == 2
+    # order-select and order-sign (CDS Hooks 2.0), and the other primary hooks of CRD 2.2 (docs/crd.md).
+    hooks = {"order-select", "order-sign", "order-dispatch", "appointment-book", "encounter-start"}
+    assert {s["hook"] for s in services} == hooks
+    assert len({s["id"] for s in services}) == len(services) == len(hooks)
     for service in services:
         assert service["title"] and len(service["description"]) > 80
         assert "investigational" in service["description"] and "76496" in service["description"]
-        assert service["prefetch"] == {
+        standard = {
             "patient": "Patient/{{context.patientId}}",
             "coverage": "Coverage?patient={{context.patientId}}&status=active",
         }
+        if service["hook"] in ("order-select", "order-sign", "encounter-start"):
+            assert service["prefetch"] == standard
+        else:  # the orders named by reference in the context, prefetched when the client can
+            assert service["prefetch"].items() >= standard.items()
+            assert service["prefetch"]["serviceRequests"].startswith("ServiceRequest?_id={{context.")
 
 
 def test_discovery_needs_no_authentication(tmp_path: Any) -> None:
