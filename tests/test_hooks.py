@@ -32,15 +32,18 @@ def test_discovery_lists_one_service_per_hook(client: FlaskClient) -> None:
     response = client.get("/cds-services")
     assert response.status_code == 200
     services = response.get_json()["services"]
-    assert {s["hook"] for s in services} == {"order-select", "order-sign"}
-    assert len({s["id"] for s in services}) == len(services) == 2
+    hooks = ["order-select", "order-sign", "order-dispatch", "appointment-book", "encounter-start"]
+    assert sorted(s["hook"] for s in services) == sorted(hooks)
+    assert len({s["id"] for s in services}) == len(services) == 5
     for service in services:
         assert service["title"] and len(service["description"]) > 80
         assert "investigational" in service["description"] and "76496" in service["description"]
-        assert service["prefetch"] == {
+        # The policy's patient and Coverage; order-dispatch and appointment-book add their serviceRequests.
+        assert {k: v for k, v in service["prefetch"].items() if k != "serviceRequests"} == {
             "patient": "Patient/{{context.patientId}}",
             "coverage": "Coverage?patient={{context.patientId}}&status=active",
         }
+        assert ("serviceRequests" in service["prefetch"]) == (service["hook"] in hooks[2:4])
 
 
 def test_discovery_needs_no_authentication(tmp_path: Any) -> None:
