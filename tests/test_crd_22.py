@@ -325,6 +325,17 @@ def test_a_based_on_order_is_read_when_not_prefetched(client: FlaskClient) -> No
     assert [a["resource"]["id"] for a in data["systemActions"]] == ["dsv1"]
 
 
+def test_a_based_on_order_that_cannot_be_read_gets_a_technical_answer(client: FlaskClient) -> None:
+    """resp-43 on appointment-book: the order the appointment books cannot be read (the server fails); the order
+    gets indeterminate / technical, the appointment itself is not updated."""
+    with fhir_server(FhirBehaviour(coverages=[coverage("cov-1")], failing={"ServiceRequest": 500})) as (base, _):
+        body = book_body([appointment(based_on=["ServiceRequest/sr-9"])], fhirServer=base, extension=V22)
+        data = call(client, "dsv-appointment-book", body)
+    [action] = data["systemActions"]
+    assert (action["resource"]["resourceType"], action["resource"]["id"]) == ("ServiceRequest", "sr-9")
+    assert reason(action)[0] == "technical" and "500" in reason(action)[1]
+
+
 def test_appointments_must_be_a_bundle(client: FlaskClient) -> None:
     body = book_body([])
     body["context"]["appointments"] = [appointment()]
