@@ -282,7 +282,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     prune.set_defaults(func=cmd_audit_purge)
     replay = audit_sub.add_parser(
-        "replay-spill", help="write audit records spilled while the database was down (serve does it on start)"
+        "replay-spill",
+        help="write audit records spilled while the database was down, and the audit journals of processes that "
+        "ended (serve does it on start)",
     )
     replay.add_argument("--dir", type=Path, help="spill folder (default: CDS_AUDIT_SPILL_DIR or the instance folder's)")
     replay.set_defaults(func=cmd_audit_replay_spill)
