@@ -48,6 +48,8 @@ class Evidence:
     context: str = ""
     # Kinds of evidence this needs beside it to count (an acronym written in another case than listed).
     requires: frozenset[str] = frozenset()
+    # Named by a composition of concept classes (rather than a listed term or combination).
+    composed: bool = False
 
     @property
     def pro(self) -> bool:
@@ -562,6 +564,7 @@ def _composed(
         combo=True,
         assertion=assertion,
         context=why,
+        composed=True,
     )
 
 
@@ -636,5 +639,8 @@ def collect(order: OrderView, policy: Policy) -> OrderEvidence:
         (e.group, e.assertion, e.place) for e in items if e.kind in ("technique", "ambiguous-technique") and not e.combo
     }
     items = [e for e in items if not e.combo or (e.group, e.assertion, e.place) not in named]
+    # A listed combination says it in the policy's own words: a composition of the same technique adds nothing.
+    listed = {(e.group, e.assertion, e.place) for e in items if e.combo and not e.composed}
+    items = [e for e in items if not e.composed or (e.group, e.assertion, e.place) not in listed]
     found.items = _dedupe(items)
     return found

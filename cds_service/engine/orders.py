@@ -150,17 +150,14 @@ class OrderView:
     intent: str | None
     shape: Literal["R4", "R5"]
     do_not_perform: bool
+    # What the first pass reads (and the verdict memo's key): computed once when parsed, shared by every policy.
+    words: OrderWords
     # The client's own resource, unchanged (CRD echoes it back); `resource` is the fixed copy that is read.
     original: dict[str, Any] | None = None
 
     @functools.cached_property
     def places(self) -> Places:
         return _read_places(self.resource)
-
-    @functools.cached_property
-    def words(self) -> OrderWords:
-        """What the first pass reads (and the verdict memo's key): computed once, shared by every policy."""
-        return order_words(self.resource)
 
     def share_places(self, other: OrderView) -> None:
         """Equal content reads to equal places: take another order's, if it has read them (the memo's hit)."""
@@ -453,5 +450,6 @@ def read_order(resource: dict[str, Any], original: dict[str, Any] | None = None)
         intent=intent.strip() if isinstance(intent, str) else None,
         shape=_shape(resource),
         do_not_perform=resource.get("doNotPerform") is True,
+        words=order_words(resource),
         original=original,
     )
