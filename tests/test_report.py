@@ -237,11 +237,11 @@ def test_the_numbers_are_exact(db_url: str) -> None:
     store = store_for(db_url)
     known_calls(store)
     known_feedback(store)
-    report = build_report(store.db, since=SINCE)
+    report = build_report(store.db, since=SINCE).to_json()
     assert without_period(report) == EXPECTED_SINCE
     assert report["period"]["since"] == SINCE.isoformat().replace("+00:00", "Z")
 
-    everything = build_report(store.db)
+    everything = build_report(store.db).to_json()
     assert everything["calls"]["total"] == 110 and everything["orders"]["flagged"] == 12
     assert everything["cards"]["shown"] == 12 and everything["latencyMs"]["max"] == 5000.0
     assert everything["feedback"]["accepted"] == 6 and everything["feedback"]["overrideRate"] == round(4 / 10, 4)
@@ -297,10 +297,11 @@ def test_the_command_prints_text_json_and_csv(
 def test_an_empty_log_reads_plainly(db_url: str) -> None:
     store = store_for(db_url)
     store.upgrade()
-    report = build_report(store.db)
+    built = build_report(store.db)
+    report = built.to_json()
     assert report["calls"]["total"] == 0 and report["feedback"]["overrideRate"] is None
     assert report["latencyMs"] == {"count": 0, "p50": None, "p95": None, "p99": None, "max": None}
-    text = render_text(report)
+    text = render_text(built)
     assert "Override rate              n/a" in text and "(none)" in text
     store.close()
 
@@ -340,7 +341,7 @@ def test_end_to_end_through_the_hooks_and_the_feedback_endpoint(db_url: str) -> 
     ]
     assert client.post(f"/cds-services/{SIGN}/feedback", json={"feedback": items}).status_code == 200
     store = services_of(app).store
-    report = build_report(store.db)
+    report = build_report(store.db).to_json()
     assert report["calls"]["byHook"] == [
         {"hook": "order-sign", "service": SIGN, "calls": 4, "answered": 3, "errors": 1}
     ]
@@ -362,10 +363,10 @@ def test_feedback_stored_before_its_card_was_written_is_linked_in_the_report(db_
     store.upgrade()
     early = parse_feedback({"feedback": [accept(1, "remove-1")]})
     assert store.save_feedback(SIGN, early, Identity()).unknown_cards == ["card-1"]
-    assert build_report(store.db)["feedback"]["itemsForUnknownCards"] == 1
+    assert build_report(store.db).to_json()["feedback"]["itemsForUnknownCards"] == 1
     store.writer.record(CallRecord(service_id=SIGN, hook="order-sign", started_at=DAY, cards=[card(1, "lumbar")]))
     assert store.writer.flush(10)
-    report = build_report(store.db)["feedback"]
+    report = build_report(store.db).to_json()["feedback"]
     assert report["itemsForUnknownCards"] == 0 and report["accepted"] == 1
     assert report["acceptedBySuggestion"] == [{"kind": "removed the order", "label": REMOVE, "count": 1}]
     store.close()
