@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import typing
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,7 +17,7 @@ from cds_service.audit import CallRecord, Identity
 from cds_service.cli import main
 from cds_service.runtime import services_of
 from cds_service.store import Store
-from cds_service.store.report import build_report, percentile, render_text
+from cds_service.store.report import Report, build_report, percentile, render_text
 from cds_service.web.feedback import parse_feedback
 
 from .conftest import SIGN
@@ -304,6 +306,32 @@ def test_an_empty_log_reads_plainly(db_url: str) -> None:
     text = render_text(built)
     assert "Override rate              n/a" in text and "(none)" in text
     store.close()
+
+
+def report_types() -> tuple[set[type], list[str]]:
+    """Every class reachable from Report's fields, and each field whose type is Any or a dict."""
+    seen: set[type] = set()
+    untyped: list[str] = []
+
+    def visit(kind: Any, where: str) -> None:
+        if kind is Any or typing.get_origin(kind) in (dict, typing.Mapping) or kind is dict:
+            untyped.append(where)
+        for arg in typing.get_args(kind):
+            visit(arg, where)
+        if dataclasses.is_dataclass(kind) and isinstance(kind, type) and kind not in seen:
+            seen.add(kind)
+            for name, hint in typing.get_type_hints(kind).items():
+                visit(hint, f"{kind.__name__}.{name}")
+
+    visit(Report, "Report")
+    return seen, untyped
+
+
+def test_the_report_is_frozen_typed_parts_without_untyped_dicts() -> None:
+    classes, untyped = report_types()
+    assert untyped == []
+    assert len(classes) >= 20  # the walk reached the parts (period, calls, ..., possible misses)
+    assert all(vars(c)["__dataclass_params__"].frozen for c in classes)
 
 
 def test_percentile_is_nearest_rank() -> None:

@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, func, select
 
@@ -132,8 +132,7 @@ def _card_facts(started_at: datetime, orders: list[Any] | None, cards: list[Any]
     return facts
 
 
-@dataclass(frozen=True)
-class _CallRow:
+class _CallRow(NamedTuple):
     """The columns of one audit_call row the report reads."""
 
     service_id: str
@@ -146,8 +145,7 @@ class _CallRow:
     started_at: datetime
 
 
-@dataclass(frozen=True)
-class _Item:
+class _Item(NamedTuple):
     """One feedback item of the period, linked to its call when the card is in the audit log."""
 
     id: int
@@ -246,7 +244,7 @@ def _read_calls(conn: Connection, tally: _CallTally, since: datetime | None, unt
         ).where(*where)
     )
     for row in rows:
-        tally.call(_CallRow(**row._asdict()))
+        tally.call(_CallRow(*row))
 
 
 def _read_feedback(
@@ -294,7 +292,7 @@ def _read_feedback(
                 for suggestion in card.get("suggestions") or []:
                     if suggestion.get("uuid"):
                         suggestion_of[suggestion["uuid"]] = suggestion
-    return [_Item(**item._asdict()) for item in items], suggestion_of
+    return [_Item._make(item) for item in items], suggestion_of
 
 
 @dataclass
