@@ -185,27 +185,25 @@ class _CallTally:
     flagged: int = 0
 
     def call(self, row: _CallRow) -> None:
-        service_id, hook, status, error, duration_ms = row.service_id, row.hook, row.status, row.error, row.duration_ms
-        orders, cards, started_at = row.orders, row.cards, row.started_at
-        counter = self.calls_by_hook[(hook or "", service_id)]
+        counter = self.calls_by_hook[(row.hook or "", row.service_id)]
         counter["calls"] += 1
-        week = self.weeks[_week(started_at)]
+        week = self.weeks[_week(row.started_at)]
         week["calls"] += 1
-        if status != 200:
+        if row.status != 200:
             counter["errors"] += 1
-            self.errors[status][error or "(no reason recorded)"] += 1
+            self.errors[row.status][row.error or "(no reason recorded)"] += 1
             return
         counter["answered"] += 1
-        self.durations.append(float(duration_ms))
-        for stored in orders or []:
+        self.durations.append(float(row.duration_ms))
+        for stored in row.orders or []:
             record = VerdictRecord.from_json(stored)
             if record is not None:
-                self.order(record, started_at, week)
-        for card in cards or []:
+                self.order(record, row.started_at, week)
+        for card in row.cards or []:
             if card.get("uuid"):
                 self.shown.add(card["uuid"])
                 week["cards"] += 1
-        for uuid, facts in _card_facts(started_at, orders, cards).items():
+        for uuid, facts in _card_facts(row.started_at, row.orders, row.cards).items():
             self.card_facts[uuid] = facts
             self.by_version[(facts.policy, facts.version)]["cards"] += 1
 
