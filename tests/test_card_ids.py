@@ -99,7 +99,7 @@ def test_the_report_counts_feedback_sent_at_once_as_linked(tmp_path: Path, db_ur
         assert process.wait(timeout=30) == 0
     store = store_for(db_url)
     try:
-        feedback = build_report(store.db)["feedback"]
+        feedback = build_report(store.db).to_json()["feedback"]
     finally:
         store.close()
     assert feedback["items"] == 20 and feedback["itemsForUnknownCards"] == 0 and feedback["overridden"] == 20

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import typing
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,7 +17,7 @@ from cds_service.audit import CallRecord, Identity
 from cds_service.cli import main
 from cds_service.runtime import services_of
 from cds_service.store import Store
-from cds_service.store.report import build_report, percentile, render_text
+from cds_service.store.report import Report, build_report, percentile, render_text
 from cds_service.web.feedback import parse_feedback
 
 from .conftest import SIGN
@@ -237,11 +239,11 @@ def test_the_numbers_are_exact(db_url: str) -> None:
     store = store_for(db_url)
     known_calls(store)
     known_feedback(store)
-    report = build_report(store.db, since=SINCE)
+    report = build_report(store.db, since=SINCE).to_json()
     assert without_period(report) == EXPECTED_SINCE
     assert report["period"]["since"] == SINCE.isoformat().replace("+00:00", "Z")
 
-    everything = build_report(store.db)
+    everything = build_report(store.db).to_json()
     assert everything["calls"]["total"] == 110 and everything["orders"]["flagged"] == 12
     assert everything["cards"]["shown"] == 12 and everything["latencyMs"]["max"] == 5000.0
     assert everything["feedback"]["accepted"] == 6 and everything["feedback"]["overrideRate"] == round(4 / 10, 4)
@@ -297,12 +299,39 @@ def test_the_command_prints_text_json_and_csv(
 def test_an_empty_log_reads_plainly(db_url: str) -> None:
     store = store_for(db_url)
     store.upgrade()
-    report = build_report(store.db)
+    built = build_report(store.db)
+    report = built.to_json()
     assert report["calls"]["total"] == 0 and report["feedback"]["overrideRate"] is None
     assert report["latencyMs"] == {"count": 0, "p50": None, "p95": None, "p99": None, "max": None}
-    text = render_text(report)
+    text = render_text(built)
     assert "Override rate              n/a" in text and "(none)" in text
     store.close()
+
+
+def report_types() -> tuple[set[type], list[str]]:
+    """Every class reachable from Report's fields, and each field whose type is Any or a dict."""
+    seen: set[type] = set()
+    untyped: list[str] = []
+
+    def visit(kind: Any, where: str) -> None:
+        if kind is Any or typing.get_origin(kind) in (dict, typing.Mapping) or kind is dict:
+            untyped.append(where)
+        for arg in typing.get_args(kind):
+            visit(arg, where)
+        if dataclasses.is_dataclass(kind) and isinstance(kind, type) and kind not in seen:
+            seen.add(kind)
+            for name, hint in typing.get_type_hints(kind).items():
+                visit(hint, f"{kind.__name__}.{name}")
+
+    visit(Report, "Report")
+    return seen, untyped
+
+
+def test_the_report_is_frozen_typed_parts_without_untyped_dicts() -> None:
+    classes, untyped = report_types()
+    assert untyped == []
+    assert len(classes) >= 20  # the walk reached the parts (period, calls, ..., possible misses)
+    assert all(vars(c)["__dataclass_params__"].frozen for c in classes)
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -340,7 +369,7 @@ def test_end_to_end_through_the_hooks_and_the_feedback_endpoint(db_url: str) -> 
     ]
     assert client.post(f"/cds-services/{SIGN}/feedback", json={"feedback": items}).status_code == 200
     store = services_of(app).store
-    report = build_report(store.db)
+    report = build_report(store.db).to_json()
     assert report["calls"]["byHook"] == [
         {"hook": "order-sign", "service": SIGN, "calls": 4, "answered": 3, "errors": 1}
     ]
@@ -362,10 +391,10 @@ def test_feedback_stored_before_its_card_was_written_is_linked_in_the_report(db_
     store.upgrade()
     early = parse_feedback({"feedback": [accept(1, "remove-1")]})
     assert store.save_feedback(SIGN, early, Identity()).unknown_cards == ["card-1"]
-    assert build_report(store.db)["feedback"]["itemsForUnknownCards"] == 1
+    assert build_report(store.db).to_json()["feedback"]["itemsForUnknownCards"] == 1
     store.writer.record(CallRecord(service_id=SIGN, hook="order-sign", started_at=DAY, cards=[card(1, "lumbar")]))
     assert store.writer.flush(10)
-    report = build_report(store.db)["feedback"]
+    report = build_report(store.db).to_json()["feedback"]
     assert report["itemsForUnknownCards"] == 0 and report["accepted"] == 1
     assert report["acceptedBySuggestion"] == [{"kind": "removed the order", "label": REMOVE, "count": 1}]
     store.close()

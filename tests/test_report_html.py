@@ -40,7 +40,7 @@ def test_weekly_versions_and_false_alarms_of_the_known_log(db_url: str) -> None:
     store = store_for(db_url)
     known_calls(store)
     known_feedback(store)
-    report = build_report(store.db, since=SINCE)
+    report = build_report(store.db, since=SINCE).to_json()
     store.close()
 
     weeks: dict[str, Counter[str]] = {}
@@ -206,7 +206,7 @@ def four_weeks(store: Store) -> None:
 def test_a_policy_change_in_the_period_splits_the_numbers_by_version(db_url: str) -> None:
     store = store_for(db_url)
     four_weeks(store)
-    report = build_report(store.db, since=START, until=END)
+    report = build_report(store.db, since=START, until=END).to_json()
     store.close()
     versions = report["policyVersions"]
     assert versions["changed"] is True

@@ -124,12 +124,8 @@ def _identified(value: str, *, system: str | None = None, kind: str | None = Non
     return reference
 
 
-def audit_event(call: StoredCall, service_url: str) -> dict[str, Any]:
-    """One call as an AuditEvent: the service as the source, the client (JWT iss) and the user as agents, the
-    patient, the hookInstance and every judged order as entities (with the rule that decided it), the outcome."""
-    ended = call.started_at + timedelta(milliseconds=call.duration_ms)
-    host = urlsplit(service_url).hostname or ""
-    service = _identified(service_url, system=URI) | {"display": SERVICE_NAME}
+def _agents(call: StoredCall, service: dict[str, Any], host: str) -> list[dict[str, Any]]:
+    """The client (JWT iss, with the tenant), the service, and the user when the call named one."""
     client: dict[str, Any] = {
         "type": {"coding": [{"system": DCM, "code": "110153", "display": "Source Role ID"}]},
         "who": _identified(call.iss, system=URI)
@@ -157,6 +153,30 @@ def audit_event(call: StoredCall, service_url: str) -> dict[str, Any]:
                 "requestor": True,
             }
         )
+    return agents
+
+
+def _order_entity(verdict: VerdictRecord) -> dict[str, Any]:
+    """A judged order: the verdict, the rule that decided it and the policy version."""
+    decided = "flagged" if verdict.flagged else "not-flagged"
+    entity: dict[str, Any] = {
+        "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
+        "role": {"system": OBJECT_ROLE, "code": "4", "display": "Domain Resource"},
+        "description": f"{decided} by rule {verdict.rule or '(none)'} of policy {verdict.policy} "
+        f"{verdict.policy_version}",
+        "detail": [
+            {"type": "verdict", "valueString": decided},
+            {"type": "rule", "valueString": verdict.rule or "(none)"},
+            {"type": "policy", "valueString": f"{verdict.policy}|{verdict.policy_version}"},
+        ],
+    }
+    if verdict.order:
+        entity["what"] = _identified(verdict.order, kind=_reference_type(verdict.order))
+    return entity
+
+
+def _entities(call: StoredCall) -> list[dict[str, Any]]:
+    """The patient, the hookInstance and every judged order."""
     entities: list[dict[str, Any]] = []
     if call.patient_id:
         entities.append(
@@ -176,23 +196,16 @@ def audit_event(call: StoredCall, service_url: str) -> dict[str, Any]:
         )
     for stored in call.orders or []:
         verdict = VerdictRecord.from_json(stored)
-        if verdict is None:
-            continue
-        decided = "flagged" if verdict.flagged else "not-flagged"
-        entity: dict[str, Any] = {
-            "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
-            "role": {"system": OBJECT_ROLE, "code": "4", "display": "Domain Resource"},
-            "description": f"{decided} by rule {verdict.rule or '(none)'} of policy {verdict.policy} "
-            f"{verdict.policy_version}",
-            "detail": [
-                {"type": "verdict", "valueString": decided},
-                {"type": "rule", "valueString": verdict.rule or "(none)"},
-                {"type": "policy", "valueString": f"{verdict.policy}|{verdict.policy_version}"},
-            ],
-        }
-        if verdict.order:
-            entity["what"] = _identified(verdict.order, kind=_reference_type(verdict.order))
-        entities.append(entity)
+        if verdict is not None:
+            entities.append(_order_entity(verdict))
+    return entities
+
+
+def audit_event(call: StoredCall, service_url: str) -> dict[str, Any]:
+    """One call as an AuditEvent: the service as the source, the client (JWT iss) and the user as agents, the
+    patient, the hookInstance and every judged order as entities (with the rule that decided it), the outcome."""
+    ended = call.started_at + timedelta(milliseconds=call.duration_ms)
+    service = _identified(service_url, system=URI) | {"display": SERVICE_NAME}
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "id": event_id(call.call_id),
@@ -205,7 +218,7 @@ def audit_event(call: StoredCall, service_url: str) -> dict[str, Any]:
         "period": {"start": _instant(call.started_at), "end": _instant(ended)},
         "recorded": _instant(ended),
         "outcome": _outcome(call.status),
-        "agent": agents,
+        "agent": _agents(call, service, urlsplit(service_url).hostname or ""),
         "source": {
             "site": call.service_id,
             "observer": service,
@@ -214,6 +227,7 @@ def audit_event(call: StoredCall, service_url: str) -> dict[str, Any]:
     }
     if call.status >= 400:
         event["outcomeDesc"] = f"HTTP {call.status}: {call.error or 'no reason recorded'}"[:1000]
+    entities = _entities(call)
     if entities:
         event["entity"] = entities
     return event

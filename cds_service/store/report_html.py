@@ -11,6 +11,8 @@ from xml.etree import ElementTree
 import pygal
 from pygal.style import Style
 
+from .report.model import Errors, Feedback, Latency, Report, day, iso
+
 # Nothing may load from the network or run: styles are inline, charts are inline SVG, there is no script at all
 # (the page shows clinicians' comments and order names, text that must never become markup or code).
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
@@ -94,14 +96,14 @@ def _chart(kind: type[Any], title: str, **config: Any) -> Any:
     return chart
 
 
-def _weekly(report: dict[str, Any]) -> str:
-    weeks = report["byWeek"]
+def _weekly(report: Report) -> str:
+    weeks = report.weeks
     if not weeks:
         return "<p>No calls in the period.</p>"
-    labels = [w["week"] for w in weeks]
+    labels = [w.week.isoformat() for w in weeks]
     calls = _chart(pygal.Bar, "Calls per week", show_legend=False, x_label_rotation=30 if len(weeks) > 8 else 0)
     calls.x_labels = labels
-    calls.add("calls", [w["calls"] for w in weeks])
+    calls.add("calls", [w.calls for w in weeks])
     outcomes = _chart(
         pygal.Bar,
         "Flagged orders, cards, accepted and overridden cards per week",
@@ -114,10 +116,12 @@ def _weekly(report: dict[str, Any]) -> str:
         ("accepted", "accepted"),
         ("overridden", "overridden"),
     ):
-        outcomes.add(name, [w[key] for w in weeks])
+        outcomes.add(name, [getattr(w, key) for w in weeks])
     rows = [
-        f"<td>{escape(w['week'])}</td>"
-        + "".join(_num(f"byWeek.{i}.{k}", w[k]) for k in ("calls", "flagged", "cards", "accepted", "overridden"))
+        f"<td>{escape(w.week.isoformat())}</td>"
+        + "".join(
+            _num(f"byWeek.{i}.{k}", getattr(w, k)) for k in ("calls", "flagged", "cards", "accepted", "overridden")
+        )
         for i, w in enumerate(weeks)
     ]
     table = _table(["week (Monday)", "calls", "flagged orders", "cards", "accepted", "overridden"], rows)
@@ -128,8 +132,8 @@ def _weekly(report: dict[str, Any]) -> str:
     )
 
 
-def _acceptance(fb: dict[str, Any]) -> str:
-    items = fb["acceptedBySuggestion"]
+def _acceptance(fb: Feedback) -> str:
+    items = fb.accepted_by_suggestion
     if not items:
         return "<p>No card was accepted in the period.</p>"
     chart = _chart(
@@ -138,96 +142,95 @@ def _acceptance(fb: dict[str, Any]) -> str:
         show_legend=False,
         height=max(200, 60 + 40 * len(items)),
     )
-    chart.x_labels = [s["label"] or s["kind"] for s in items]
-    chart.add("cards", [s["count"] for s in items])
+    chart.x_labels = [s.label or s.kind for s in items]
+    chart.add("cards", [s.count for s in items])
     rows = [
-        f"<td>{escape(s['kind'])}</td><td>{escape(s['label'] or '(no label)')}</td>"
-        + _num(f"feedback.acceptedBySuggestion.{i}.count", s["count"])
+        f"<td>{escape(s.kind)}</td><td>{escape(s.label or '(no label)')}</td>"
+        + _num(f"feedback.acceptedBySuggestion.{i}.count", s.count)
         for i, s in enumerate(items)
     ]
     return _svg(chart, "acceptance") + _table(["kind", "suggestion", "cards"], rows, numeric_from=2)
 
 
-def _overrides(fb: dict[str, Any]) -> str:
-    reasons = fb["overridesByReason"]
+def _overrides(fb: Feedback) -> str:
+    reasons = fb.overrides_by_reason
     if not reasons:
         return "<p>No card was overridden in the period.</p>"
     chart = _chart(
         pygal.HorizontalBar, "Overridden cards by reason", show_legend=False, height=max(200, 60 + 40 * len(reasons))
     )
-    chart.x_labels = [r["display"] or r["code"] or "(no reason coded)" for r in reasons]
-    chart.add("cards", [r["count"] for r in reasons])
+    chart.x_labels = [r.display or r.code or "(no reason coded)" for r in reasons]
+    chart.add("cards", [r.count for r in reasons])
     rows = []
     for i, r in enumerate(reasons):
         comments = "".join(
-            f"<li>{escape(c['comment'])} <span class=muted>({escape(c['at'][:10])})</span></li>" for c in r["comments"]
+            f"<li>{escape(c.comment)} <span class=muted>({escape(day(c.at))})</span></li>" for c in r.comments
         )
         rows.append(
-            f"<td>{escape(r['code'] or '(none)')}</td><td>{escape(r['display'])}</td>"
-            + _num(f"feedback.overridesByReason.{i}.count", r["count"])
+            f"<td>{escape(r.code or '(none)')}</td><td>{escape(r.display)}</td>"
+            + _num(f"feedback.overridesByReason.{i}.count", r.count)
             + f"<td><ul>{comments}</ul></td>"
         )
     return _svg(chart, "overrides") + _table(["code", "reason", "cards", "clinicians' comments"], rows, numeric_from=2)
 
 
-def _latency(latency: dict[str, Any]) -> str:
-    if not latency["count"]:
+def _latency(latency: Latency) -> str:
+    if not latency.count:
         return "<p>No answered call in the period.</p>"
     names = ("p50", "p95", "p99", "max")
     chart = _chart(pygal.Bar, "Latency of answered calls (ms)", show_legend=False)
     chart.x_labels = list(names)
-    chart.add("ms", [latency[n] for n in names])
-    rows = ["".join(_num(f"latencyMs.{n}", latency[n]) for n in (*names, "count"))]
+    chart.add("ms", [getattr(latency, n) for n in names])
+    rows = ["".join(_num(f"latencyMs.{n}", getattr(latency, n)) for n in (*names, "count"))]
     return _svg(chart, "latency") + _table(["p50 ms", "p95 ms", "p99 ms", "max ms", "calls"], rows, numeric_from=0)
 
 
-def _errors(errors: dict[str, Any]) -> str:
-    statuses = errors["byStatus"]
+def _errors(errors: Errors) -> str:
+    statuses = errors.by_status
     if not statuses:
         return "<p>No errors in the period.</p>"
     chart = _chart(pygal.Bar, "Errors by HTTP status", show_legend=False)
-    chart.x_labels = [str(e["status"]) for e in statuses]
-    chart.add("calls", [e["count"] for e in statuses])
+    chart.x_labels = [str(e.status) for e in statuses]
+    chart.add("calls", [e.count for e in statuses])
     rows = []
     for i, e in enumerate(statuses):
-        reasons = "".join(f"<li>{escape(r['reason'][:200])}: {r['count']}</li>" for r in e["reasons"][:10])
+        reasons = "".join(f"<li>{escape(r.reason[:200])}: {r.count}</li>" for r in e.reasons[:10])
         rows.append(
-            f"<td>{e['status']}</td>" + _num(f"errors.byStatus.{i}.count", e["count"]) + f"<td><ul>{reasons}</ul></td>"
+            f"<td>{e.status}</td>" + _num(f"errors.byStatus.{i}.count", e.count) + f"<td><ul>{reasons}</ul></td>"
         )
     return _svg(chart, "errors") + _table(["status", "calls", "most frequent reasons"], rows)
 
 
-def _versions(report: dict[str, Any]) -> str:
-    versions = report["policyVersions"]
+def _versions(report: Report) -> str:
+    versions = report.policy_versions
     rows = [
-        f"<td>{escape(v['policy'])}</td><td>{escape(v['version'])}</td>"
-        f"<td>{escape((v['firstSeen'] or '')[:10])} to {escape((v['lastSeen'] or '')[:10])}</td>"
+        f"<td>{escape(v.policy)}</td><td>{escape(v.version)}</td>"
+        f"<td>{escape(day(v.first_seen))} to {escape(day(v.last_seen))}</td>"
         + "".join(
-            _num(f"policyVersions.versions.{i}.{k}", v[k])
+            _num(f"policyVersions.versions.{i}.{k}", getattr(v, k))
             for k in ("judged", "flagged", "cards", "accepted", "overridden")
         )
-        + _num(f"policyVersions.versions.{i}.overrideRate", v["overrideRate"], _pct(v["overrideRate"]))
-        for i, v in enumerate(versions["versions"])
+        + _num(f"policyVersions.versions.{i}.overrideRate", v.override_rate, _pct(v.override_rate))
+        for i, v in enumerate(versions.versions)
     ]
     note = (
         "<p><strong>The policy changed during the period:</strong> compare the versions before reading the totals.</p>"
-        if versions["changed"]
+        if versions.changed
         else "<p class=muted>One version per policy answered in the period.</p>"
     )
     headers = ["policy", "version", "seen", "judged", "flagged", "cards", "accepted", "overridden", "override rate"]
     return note + _table(headers, rows, numeric_from=3)
 
 
-def _false_alarms(report: dict[str, Any]) -> str:
-    alarms = report["falseAlarms"]
+def _false_alarms(report: Report) -> str:
     rows = [
-        f'<td data-field="orderName">{escape(a["orderName"] or "(no name recorded)")}</td>'
-        f'<td data-field="shownAt">{escape((a["shownAt"] or "")[:10])}</td>'
-        f'<td data-field="overriddenAt">{escape(a["overriddenAt"][:10])}</td>'
-        f'<td data-field="rule">{escape(a["rule"])}</td>'
-        f"<td>{escape(a['policy'])} {escape(a['version'])}</td>"
-        f"<td>{escape(a['comment'])}</td>"
-        for a in alarms
+        f'<td data-field="orderName">{escape(a.order_name or "(no name recorded)")}</td>'
+        f'<td data-field="shownAt">{escape(day(a.shown_at))}</td>'
+        f'<td data-field="overriddenAt">{escape(day(a.overridden_at))}</td>'
+        f'<td data-field="rule">{escape(a.rule)}</td>'
+        f"<td>{escape(a.policy)} {escape(a.version)}</td>"
+        f"<td>{escape(a.comment)}</td>"
+        for a in report.false_alarms
     ]
     if not rows:
         return "<p>None in the period.</p>"
@@ -235,27 +238,27 @@ def _false_alarms(report: dict[str, Any]) -> str:
     return table.replace("<table>", '<table id="false-alarms">', 1)
 
 
-def _possible_misses(report: dict[str, Any]) -> str:
-    misses = report["possibleMisses"]
-    if not misses["byRule"]:
+def _possible_misses(report: Report) -> str:
+    misses = report.possible_misses
+    if not misses.by_rule:
         return "<p>None in the period.</p>"
     by_rule = _table(
         ["rule marked for review", "policy version", "orders"],
         [
-            f'<td data-field="rule">{escape(r["rule"])}</td><td>{escape(r["policy"])} {escape(r["version"])}</td>'
-            + _num(f"possibleMisses.byRule.{i}.orders", r["orders"])
-            for i, r in enumerate(misses["byRule"])
+            f'<td data-field="rule">{escape(r.rule)}</td><td>{escape(r.policy)} {escape(r.version)}</td>'
+            + _num(f"possibleMisses.byRule.{i}.orders", r.count)
+            for i, r in enumerate(misses.by_rule)
         ],
         numeric_from=2,
     ).replace("<table>", '<table id="possible-misses-by-rule">', 1)
     orders = _table(
         ["order", "codes", "rule", "last seen", "times"],
         [
-            f'<td data-field="orderName">{escape(m["orderName"] or "(no name recorded)")}</td>'
-            f"<td>{escape(' '.join(c['code'] for c in m['codes']))}</td>"
-            f'<td data-field="rule">{escape(m["rule"])}</td>'
-            f"<td>{escape(m['lastSeen'][:10])}</td>" + _num(f"possibleMisses.orders.{i}.count", m["count"])
-            for i, m in enumerate(misses["orders"])
+            f'<td data-field="orderName">{escape(m.order_name or "(no name recorded)")}</td>'
+            f"<td>{escape(' '.join(c.code for c in m.codes))}</td>"
+            f'<td data-field="rule">{escape(m.rule)}</td>'
+            f"<td>{escape(day(m.last_seen))}</td>" + _num(f"possibleMisses.orders.{i}.count", m.count)
+            for i, m in enumerate(misses.orders)
         ],
         numeric_from=4,
     ).replace("<table>", '<table id="possible-misses">', 1)
@@ -267,27 +270,26 @@ def _possible_misses(report: dict[str, Any]) -> str:
     return note + by_rule + orders
 
 
-def render_html(report: dict[str, Any]) -> str:
-    period = report["period"]
-    since = period["since"] or "the first record"
-    title = f"CDS service report: {since} to {period['until']} (UTC)"
-    calls, orders, cards, fb = report["calls"], report["orders"], report["cards"], report["feedback"]
+def render_html(report: Report) -> str:
+    since = iso(report.period.since) if report.period.since else "the first record"
+    title = f"CDS service report: {since} to {iso(report.period.until)} (UTC)"
+    calls, orders, cards, fb = report.calls, report.orders, report.cards, report.feedback
     summary = _table(
         ["measure", "value"],
         [
-            "<td>Calls</td>" + _num("calls.total", calls["total"]),
-            "<td>Calls with an error</td>" + _num("calls.errors", calls["errors"]),
-            "<td>Orders judged</td>" + _num("orders.judged", orders["judged"]),
-            "<td>Orders flagged</td>" + _num("orders.flagged", orders["flagged"]),
-            "<td>Cards shown</td>" + _num("cards.shown", cards["shown"]),
-            "<td>Cards accepted</td>" + _num("feedback.accepted", fb["accepted"]),
-            "<td>Cards overridden</td>" + _num("feedback.overridden", fb["overridden"]),
-            "<td>Override rate</td>" + _num("feedback.overrideRate", fb["overrideRate"], _pct(fb["overrideRate"])),
-            "<td>Possible false alarms</td>" + _num("falseAlarms.length", len(report["falseAlarms"])),
-            "<td>Possible misses</td>" + _num("possibleMisses.total", report["possibleMisses"]["total"]),
+            "<td>Calls</td>" + _num("calls.total", calls.total),
+            "<td>Calls with an error</td>" + _num("calls.errors", calls.errors),
+            "<td>Orders judged</td>" + _num("orders.judged", orders.judged),
+            "<td>Orders flagged</td>" + _num("orders.flagged", orders.flagged),
+            "<td>Cards shown</td>" + _num("cards.shown", cards.shown),
+            "<td>Cards accepted</td>" + _num("feedback.accepted", fb.accepted),
+            "<td>Cards overridden</td>" + _num("feedback.overridden", fb.overridden),
+            "<td>Override rate</td>" + _num("feedback.overrideRate", fb.override_rate, _pct(fb.override_rate)),
+            "<td>Possible false alarms</td>" + _num("falseAlarms.length", len(report.false_alarms)),
+            "<td>Possible misses</td>" + _num("possibleMisses.total", report.possible_misses.total),
         ],
     ).replace("<table>", '<table class="summary">', 1)
-    definitions = "".join(f"<li>{escape(d)}</li>" for d in report["definitions"])
+    definitions = "".join(f"<li>{escape(d)}</li>" for d in report.definitions)
     sections = [
         ("summary", "Summary", summary),
         ("weekly", "Per week", _weekly(report)),
@@ -304,8 +306,8 @@ def render_html(report: dict[str, Any]) -> str:
             _possible_misses(report),
         ),
         ("versions", "By policy version", _versions(report)),
-        ("latency", "Latency", _latency(report["latencyMs"])),
-        ("errors", "Errors by status", _errors(report["errors"])),
+        ("latency", "Latency", _latency(report.latency_ms)),
+        ("errors", "Errors by status", _errors(report.errors)),
         ("definitions", "How the numbers are counted", f"<ul>{definitions}</ul>"),
     ]
     body = "".join(
