@@ -187,7 +187,7 @@ class OrderView:
     @property
     def reference(self) -> str | None:
         # An Appointment judged as the order it books is referred to as what it is.
-        kind = self.resource.get("resourceType")
+        kind = self.echo.get("resourceType")
         return f"{kind if isinstance(kind, str) and kind else 'ServiceRequest'}/{self.id}" if self.id else None
 
     def label(self) -> str:
