@@ -90,6 +90,7 @@ def form(display: str) -> list[dict[str, Any]]:
         ({"supportingInfo": form("Intake form: zeta scan of the arm wanted? Yes")}, True),
         ({"orderDetail": [{"text": "Q: Zeta scan of the arm? A: No"}]}, False),
         ({"orderDetail": [{"text": "Q: Zeta scan of the arm? A: Yes"}]}, True),
+        ({"note": [{"text": "Q: zeta scan of the arm requested A: declined"}]}, False),
         ({"orderDetail": [{"text": "Protocol Q: add zeta scan? Deferred - plain films"}]}, False),
         ({"note": [{"text": "Zeta scan of the arm offered? Not at this time"}]}, False),
         ({"reasonReference": [{"display": "Arm pain; zeta scan wanted? No"}]}, False),

@@ -108,6 +108,8 @@ _MAX_DEPTH = 8
 # comes before it, a form's "Q:" or "Intake form:" included, is the question); without one, the first ":" does.
 _ASKED = re.compile(r"\s*(?P<q>[^?\n]{2,160}?)\s*\?\s*:?\s*(?:A\s*[:.)-]\s*)?(?P<a>\S.*)", re.DOTALL | re.IGNORECASE)
 _QUESTION = re.compile(r"\s*(?P<q>[^?:\n]{2,160}?)\s*(?:\?\s*:?|:)\s*(?P<a>\S.*)", re.DOTALL)
+# A form's "Q: ... A: ..." without a question mark: "Q: DMX requested A: Withdrawn".
+_QA = re.compile(r"\s*(?P<q>Q\s*[:.)]\s*\S.{0,160}?)\s+A\s*[:.)]\s*(?P<a>\S.*)", re.DOTALL | re.IGNORECASE)
 # A form's item with its answer after a dash: "Perform motion analysis - Declined" (the last, short tail).
 _DASHED = re.compile(r"\s*(?P<q>\S.{1,160}?)\s+[-\u2013\u2014]\s+(?P<a>\S(?:(?!\s[-\u2013\u2014]\s)[^?\n]){0,40})")
 # Where an order question can be written: a form's answers (order detail, an attached questionnaire answer) may use
@@ -246,7 +248,7 @@ def _concept_text(concept: Any) -> str | None:
 
 def _written_question(text: str, place: Place) -> Answer | None:
     """ "Motion study requested? No" -> the question ends after "requested"; the answer is "No"."""
-    asked = _ASKED.fullmatch(text)
+    asked = _ASKED.fullmatch(text) or _QA.fullmatch(text)
     if asked is not None and any(c.isalpha() for c in asked["q"]):
         return Answer(asked.end("q"), asked["a"].strip())
     if place not in _FORM_PLACES:
