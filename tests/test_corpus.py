@@ -22,13 +22,15 @@ CORPUS = ROOT / "cards" / "examples"
 GROUPS = sorted(p.stem for p in CORPUS.glob("*.json"))
 LABELS = ("dsv", "not-dsv")
 TECHNIQUES = ("technique", "ambiguous-technique")
-# Where the shipped policy reads techniques: the order's own fields and notes, and the suite, clinic or form it names.
+# Where the shipped policy reads techniques: the order's own fields, notes and reasons' free text, and the suite,
+# clinic or form it names.
 TECHNIQUE_PLACES = (
     "code",
     "detail",
     "body_site",
     "note",
     "instruction",
+    "reason",
     "category",
     "performer",
     "location",

@@ -20,6 +20,8 @@ from .terms import TermIndex
 # Sentence ends: ".", "!", "?" or ";" followed by a space or the end, and line breaks. A dot inside a number or an
 # abbreviation without a following space ("2.5", "C5.6") does not end a sentence.
 _SENTENCE_END = re.compile(r"[.!?;]+(?=\s|$)|\n+|\s[-\u2013\u2014]\s")
+# A sentence end that only cuts a clause: a ";" or a dash between spaces.
+_CLAUSE_END = re.compile(r"\s*(?:;+|[-\u2013\u2014])\s*")
 # Words a window counts: numbers (dates, claim numbers, levels) do not use up a trigger's reach.
 _WORD = re.compile(r"[^\W\d_][^\W_]*", re.UNICODE)
 
@@ -76,6 +78,12 @@ def scopes(text: str, index: TermIndex) -> list[Scope]:
             out.append(Scope(hit.end, end, trigger.assertion, trigger.name, hit.start, hit.end))
         if trigger.direction in ("backward", "both"):
             start = s_start
+            if s_start > 0 and not text[s_start : hit.start].strip():
+                # A clause with no words of its own before the trigger ("DMX cervical; explained not indicated",
+                # "VMA - declined") speaks of the one before it: the same clause, cut by a ";" or a dash.
+                start = next(
+                    (a for a, b in sentences if b < s_start and _CLAUSE_END.fullmatch(text, b, s_start)), start
+                )
             for stop in reversed(stops):
                 if start <= stop < hit.start:
                     start = stop

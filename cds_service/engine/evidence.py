@@ -222,7 +222,7 @@ def _answer_polarity(rec: Recognition, answer: Answer) -> str:
     words = WORD.findall(fold(value).lower())
     for size in (3, 2, 1):
         head = "".join(words[:size])
-        if len(words) >= size and head:
+        if len(words) >= size and head and (not answer.loose or len(words) == size):
             if head in rec.no_answers:
                 return "no"
             if head in rec.yes_answers:
@@ -233,7 +233,12 @@ def _answer_polarity(rec: Recognition, answer: Answer) -> str:
     second = list(_ANSWER_WORD.finditer(value))[1:2]
     reach = second[0].end() if second else len(value)
     for hit in rec.context.find(value):
-        if hit.start < reach and any(isinstance(r, ContextTrigger) and r.assertion == "negated" for r in hit.refs):
+        if hit.start < reach and any(
+            isinstance(r, ContextTrigger)
+            and r.assertion == "negated"
+            and not (answer.loose and r.direction == "forward")
+            for r in hit.refs
+        ):
             return "no"
     return "text"
 

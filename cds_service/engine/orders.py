@@ -104,8 +104,19 @@ _MAX_ITEMS = 200
 _MAX_TEXT = 4000
 _MAX_DEPTH = 8
 # An order question written as text: "Motion study requested? No", "Technique: dynamic fluoroscopic",
-# "Motion study (DMX)?: No - static films only". The question ends at the first "?" or ":".
+# "Motion study (DMX)?: No - static films only", "Q: Add cine sequence? A: Deferred". A "?" ends the question (what
+# comes before it, a form's "Q:" or "Intake form:" included, is the question); without one, the first ":" does.
+_ASKED = re.compile(r"\s*(?P<q>[^?\n]{2,160}?)\s*\?\s*:?\s*(?:A\s*[:.)-]\s*)?(?P<a>\S.*)", re.DOTALL | re.IGNORECASE)
 _QUESTION = re.compile(r"\s*(?P<q>[^?:\n]{2,160}?)\s*(?:\?\s*:?|:)\s*(?P<a>\S.*)", re.DOTALL)
+# A form's "Q: ... A: ..." without a question mark: "Q: DMX requested A: Withdrawn".
+_QA = re.compile(r"\s*(?P<q>Q\s*[:.)]\s*\S.{0,160}?)\s+A\s*[:.)]\s*(?P<a>\S.*)", re.DOTALL | re.IGNORECASE)
+# A form's item with its answer after a dash: "Perform motion analysis - Declined" (the last, short tail).
+_DASHED = re.compile(r"\s*(?P<q>\S.{1,160}?)\s+[-\u2013\u2014]\s+(?P<a>\S(?:(?!\s[-\u2013\u2014]\s)[^?\n]){0,40})")
+# Where an order question can be written: a form's answers (order detail, an attached questionnaire answer) may use
+# "Question: answer"; a note, an instruction or a reason only asks with a "?" ("DMX cervical: no contrast" there is
+# no answered question). The order's name is no question.
+_FORM_PLACES: frozenset[str] = frozenset({"detail", "supporting_info"})
+_ASKING_PLACES: frozenset[str] = frozenset({"note", "instruction", "reason"})
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,9 @@ class Answer:
 
     question_end: int
     value: str | bool
+    # Set off by a dash only ("Perform VMA - Declined"): an answer only when the whole tail is one ("No"), or it
+    # opens with a refusal or deferral; "DMX cervical - no contrast" is no answered question.
+    loose: bool = False
 
 
 @dataclass(frozen=True)
@@ -229,8 +243,16 @@ def _concept_text(concept: Any) -> str | None:
     return None
 
 
-def _written_question(text: str) -> Answer | None:
+def _written_question(text: str, place: Place) -> Answer | None:
     """ "Motion study requested? No" -> the question ends after "requested"; the answer is "No"."""
+    asked = _ASKED.fullmatch(text) or _QA.fullmatch(text)
+    if asked is not None and any(c.isalpha() for c in asked["q"]):
+        return Answer(asked.end("q"), asked["a"].strip())
+    if place not in _FORM_PLACES:
+        return None
+    dashed = _DASHED.fullmatch(text)
+    if dashed is not None and any(c.isalpha() for c in dashed["q"]) and any(c.isalpha() for c in dashed["a"]):
+        return Answer(dashed.end("q"), dashed["a"].strip(), loose=True)
     match = _QUESTION.fullmatch(text)
     if match is None or not any(c.isalpha() for c in match["q"]):
         stripped = text.rstrip()
@@ -298,8 +320,8 @@ class _Reader:
             text = unicodedata.normalize("NFC", text)  # offsets found later refer to this form
         # code.text often repeats the coding's display: read each text once per place.
         if text and (place, text) not in self.texts:
-            if answer is None and place == "detail":
-                answer = _written_question(text)
+            if answer is None and (place in _FORM_PLACES or place in _ASKING_PLACES):
+                answer = _written_question(text, place)
             if answer is not None:
                 self.answers[len(self.texts)] = answer
             self.texts.append((place, text))
