@@ -571,6 +571,35 @@ def test_encounter_start_answers_at_once_and_warms_the_coverage_cache(
     assert "pat-1" not in caplog.text
 
 
+def test_the_cache_is_kept_apart_per_client_of_a_shared_fhir_server(app: Flask) -> None:
+    """Two EHR clients (fhirAuthorization.subject) reading the same FHIR server URL never share a cached Coverage."""
+
+    def auth(subject: str) -> dict[str, Any]:
+        return {
+            "access_token": "t",
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "user/*.read",
+            "subject": subject,
+        }
+
+    client = app.test_client()
+    with fhir_server(FhirBehaviour(coverages=[coverage("cov-7", patient="pat-1")])) as (base, behaviour):
+        call(client, "dsv-encounter-start", start_body(base, fhirAuthorization=auth("client-a")))
+        cache = services_of(app).runtime.coverage.cache
+        assert cache is not None
+        wait_for(lambda: len(cache) == 1)
+        behaviour.status = 500
+        other = sign22(client, fhirServer=base, fhirAuthorization=auth("client-b"))
+        same = sign22(client, fhirServer=base, fhirAuthorization=auth("client-a"))
+    [refused] = other["systemActions"]
+    assert "valueReference" not in info(refused)["coverage"] or info(refused)["coverage"]["valueReference"] != {
+        "reference": "Coverage/cov-7"
+    }
+    [cached] = same["systemActions"]
+    assert info(cached)["coverage"]["valueReference"] == {"reference": "Coverage/cov-7"}
+
+
 def test_the_cache_forgets_after_its_time_to_live(tmp_path: Path) -> None:
     app = create_app(
         {

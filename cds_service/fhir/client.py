@@ -484,7 +484,15 @@ class CoverageFinder:
     def _cache_key(self, request: HookRequest) -> tuple[str, str] | None:
         if not request.fhir_server or not request.patient_id:
             return None
-        return request.fhir_server.rstrip("/"), request.patient_id
+        # Per FHIR server, patient and the OAuth client the EHR's token was issued to (fhirAuthorization.subject):
+        # two clients that share a FHIR server URL never see each other's Coverage.
+        client = (request.fhir_authorization or {}).get("subject")
+        server = (
+            f"{request.fhir_server.rstrip('/')} {client}"
+            if isinstance(client, str) and client
+            else request.fhir_server.rstrip("/")
+        )
+        return server, request.patient_id
 
     def resolve(self, request: HookRequest, keys: dict[str, PrefetchKey]) -> CoverageResult:
         """The Coverage, or why there is none. A patient the request does not name, or whose prefetch came back
