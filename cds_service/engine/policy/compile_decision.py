@@ -147,6 +147,30 @@ def prefilter(spec: s.Recognition, rules: tuple[Rule, ...], rec: Recognition) ->
     (labs, medications, imaging of other kinds) skip the full judgement. An order it skips has no evidence, so the
     rule that decides it (by its request facts) is the one the full judgement would name: the audit and the
     possible-misses review see the true rule."""
+    needed = _needed_kinds(rules)
+    if needed is None:
+        return  # a flagging rule that needs no evidence: every order is judged in full
+    found = _Candidates()
+    found.techniques(spec, needed)
+    found.others(spec, needed)
+    for (_alias, code), meanings in rec.exact_codes.items():
+        if any(m.kind in needed for m in meanings):
+            found.tokens.add(code.lower())
+    # Ranges and prefixes cannot be listed as words: the first pass tests the order's code values against them.
+    rec.candidate_code_sets = tuple(entry.codes for entry in rec.code_sets if entry.meaning.kind in needed)
+    rec.candidate_tokens = frozenset(found.tokens)
+    rec.candidate_patterns = tuple(found.patterns)
+    anatomy: set[str] = set()
+    for region in spec.anatomy.regions.values():
+        for term in region.terms:
+            if term.term is not None:
+                anatomy.update(w for w in re.split(r"[^a-z0-9]+", fold(term.term).lower()) if w)
+    rec.anatomy_tokens = frozenset(anatomy)
+    rec.prefilter = True
+
+
+def _needed_kinds(rules: tuple[Rule, ...]) -> set[str] | None:
+    """The kinds of evidence of which one must be there for a rule to decide; None when a flagging rule needs none."""
     needed: set[str] = set()
     for rule in rules:
         if not rule.flags:
@@ -156,11 +180,19 @@ def prefilter(spec: s.Recognition, rules: tuple[Rule, ...], rec: Recognition) ->
             continue
         kinds = _needs(rule.when)
         if kinds is None:
-            return  # a flagging rule that needs no evidence: every order is judged in full
+            return None
         needed |= kinds
-    tokens: set[str] = set()
-    patterns: list[re.Pattern[str]] = []
+    return needed
 
+
+class _Candidates:
+    """The first words and patterns of the terms that give the needed kinds of evidence."""
+
+    def __init__(self) -> None:
+        self.tokens: set[str] = set()
+        self.patterns: list[re.Pattern[str]] = []
+
+    @staticmethod
     def first_words(term: s.TermSpec) -> set[str]:
         words = [w for w in re.split(r"[^a-z0-9]+", fold(term.term or "").lower()) if w]
         # Separators between a term's words are optional, so its first word in a text is any run of its first
@@ -169,68 +201,57 @@ def prefilter(spec: s.Recognition, rules: tuple[Rule, ...], rec: Recognition) ->
         joined = "".join(words)
         return out | {joined + "s", joined + "es"}
 
-    def add(term: s.TermSpec) -> None:
+    def add(self, term: s.TermSpec) -> None:
         if term.pattern is not None:
-            if term.pattern not in {p.pattern for p in patterns}:
-                patterns.append(re.compile(term.pattern))
+            if term.pattern not in {p.pattern for p in self.patterns}:
+                self.patterns.append(re.compile(term.pattern))
         elif term.term is not None:
-            tokens.update(first_words(term))
+            self.tokens.update(self.first_words(term))
 
-    def rarest(groups: list[list[s.TermSpec]]) -> list[s.TermSpec]:
+    def rarest(self, groups: list[list[s.TermSpec]]) -> list[s.TermSpec]:
         """A combination holds only when every group of its words is there, so one group's words are enough to
         find its candidates: the group written without patterns whose shortest word is longest (the rarest)."""
         plain = [g for g in groups if all(t.pattern is None for t in g)] or groups
-        return max(plain, key=lambda g: min((len(w) for t in g for w in first_words(t)), default=0))
+        return max(plain, key=lambda g: min((len(w) for t in g for w in self.first_words(t)), default=0))
 
-    for technique in spec.techniques:
-        for term in technique.terms:
-            kind = (
-                "ambiguous-technique"
-                if (term.needs_anatomy if term.needs_anatomy is not None else technique.needs_anatomy)
-                else "technique"
-            )
-            if kind in needed:
-                add(term)
+    def techniques(self, spec: s.Recognition, needed: set[str]) -> None:
+        for technique in spec.techniques:
+            for term in technique.terms:
+                kind = (
+                    "ambiguous-technique"
+                    if (term.needs_anatomy if term.needs_anatomy is not None else technique.needs_anatomy)
+                    else "technique"
+                )
+                if kind in needed:
+                    self.add(term)
+            if needed & {"technique", "ambiguous-technique"}:
+                for combination in technique.combinations:
+                    for term in self.rarest(combination):
+                        self.add(term)
         if needed & {"technique", "ambiguous-technique"}:
-            for combination in technique.combinations:
-                for term in rarest(combination):
-                    add(term)
-    if needed & {"technique", "ambiguous-technique"}:
-        # A composition holds only with a concept of every slot: one slot's words find its candidates.
-        for comp in spec.compositions:
-            slots = [
-                [
-                    t
-                    for name in ([e] if isinstance(e, str) else e)
-                    if name in spec.concepts
-                    for t in spec.concepts[name].terms
+            # A composition holds only with a concept of every slot: one slot's words find its candidates.
+            for comp in spec.compositions:
+                slots = [
+                    [
+                        t
+                        for name in ([e] if isinstance(e, str) else e)
+                        if name in spec.concepts
+                        for t in spec.concepts[name].terms
+                    ]
+                    for e in comp.all
                 ]
-                for e in comp.all
-            ]
-            for term in rarest(slots):
-                add(term)
-    for look in spec.look_alikes:
-        if look.kind in needed:
-            for term in look.terms:
-                add(term)
-    if "anatomy" in needed:
-        for region in spec.anatomy.regions.values():
-            for term in region.terms:
-                add(term)
-    if "other-anatomy" in needed:
-        for term in spec.other_anatomy.terms:
-            add(term)
-    for (_alias, code), meanings in rec.exact_codes.items():
-        if any(m.kind in needed for m in meanings):
-            tokens.add(code.lower())
-    # Ranges and prefixes cannot be listed as words: the first pass tests the order's code values against them.
-    rec.candidate_code_sets = tuple(entry.codes for entry in rec.code_sets if entry.meaning.kind in needed)
-    rec.candidate_tokens = frozenset(tokens)
-    rec.candidate_patterns = tuple(patterns)
-    anatomy: set[str] = set()
-    for region in spec.anatomy.regions.values():
-        for term in region.terms:
-            if term.term is not None:
-                anatomy.update(w for w in re.split(r"[^a-z0-9]+", fold(term.term).lower()) if w)
-    rec.anatomy_tokens = frozenset(anatomy)
-    rec.prefilter = True
+                for term in self.rarest(slots):
+                    self.add(term)
+
+    def others(self, spec: s.Recognition, needed: set[str]) -> None:
+        for look in spec.look_alikes:
+            if look.kind in needed:
+                for term in look.terms:
+                    self.add(term)
+        if "anatomy" in needed:
+            for region in spec.anatomy.regions.values():
+                for term in region.terms:
+                    self.add(term)
+        if "other-anatomy" in needed:
+            for term in spec.other_anatomy.terms:
+                self.add(term)

@@ -214,33 +214,88 @@ def _places(spec: s.Recognition) -> dict[str, frozenset[s.Place]]:
 
 
 def compile_recognition(c: Compiler, spec: s.Recognition, base: Loc) -> Recognition:
-    places = _places(spec)
-    systems = spec.code_systems
-    aliases = {uri: alias for alias, uris in systems.items() for uri in uris}
-    canonical = {alias: uris[0] for alias, uris in systems.items()}
-    index = TermIndex()
-    exact: dict[tuple[str, str], list[CodedMeaning]] = {}
-    code_sets: list[CodeEntry] = []
-    ranged: list[tuple[str, CodeSet, CodedMeaning, Loc]] = []
+    """The recognition section compiled, one YAML section after another (the order fixes the order of problems)."""
+    return _RecognitionCompiler(c, spec, base).compile()
 
-    def kind_places(kind: s.EvidenceKind, own: list[s.Place] | None, path: Loc) -> frozenset[s.Place]:
+
+class _RecognitionCompiler:
+    """One recognition section: its indexes and codes, filled section by section, every problem kept in `c`."""
+
+    def __init__(self, c: Compiler, spec: s.Recognition, base: Loc) -> None:
+        self.c = c
+        self.spec = spec
+        self.base = base
+        self.places = _places(spec)
+        self.systems = spec.code_systems
+        self.index = TermIndex()
+        self.exact: dict[tuple[str, str], list[CodedMeaning]] = {}
+        self.code_sets: list[CodeEntry] = []
+        self.ranged: list[tuple[str, CodeSet, CodedMeaning, Loc]] = []
+        self.technique_meanings: dict[str, Meaning] = {}
+
+    def compile(self) -> Recognition:
+        c, spec = self.c, self.spec
+        self.billing_codes()
+        self.techniques()
+        self.anatomy()
+        self.other_anatomy()
+        self.look_alikes()
+        # Concept classes and the techniques composed of them (concepts.py).
+        compositions = compile_concepts(c, spec, self.index, self.technique_meanings, self.places, self.base)
+        context = self.context()
+        answers = self.answers()
+        typo_words = self.typo_words()
+        known = self.known_words()
+        self.contradictions()
+        c.check_duplicates()
+        try:
+            self.index.compile()
+            context.compile()
+        except TermError as exc:
+            c.problem(self.base, str(exc))
+        anatomy = spec.anatomy
+        return Recognition(
+            compositions=compositions,
+            system_alias={uri: alias for alias, uris in self.systems.items() for uri in uris},
+            canonical_system={alias: uris[0] for alias, uris in self.systems.items()},
+            order_fields=frozenset(spec.order_fields),
+            exact_codes=self.exact,
+            code_sets=self.code_sets,
+            index=self.index,
+            anatomy=anatomy.name,
+            regions=tuple(anatomy.regions),
+            context=context,
+            context_kinds=frozenset(spec.context_kinds),
+            yes_answers=frozenset(answers["yes"]),
+            no_answers=frozenset(answers["no"]),
+            typo_words=tuple(sorted(typo_words)),
+            known_words=frozenset(known),
+            typo_min_length=spec.typos.min_length if spec.typos else 8,
+            abbreviations=dict(spec.abbreviations),
+            typo_max_edits=spec.typos.max_edits if spec.typos else 1,
+            typo_long_length=spec.typos.two_edits_from or 99 if spec.typos else 99,
+            typo_max_edits_long=2 if spec.typos and spec.typos.two_edits_from else 1,
+        )
+
+    def kind_places(self, kind: s.EvidenceKind, own: list[s.Place] | None, path: Loc) -> frozenset[s.Place]:
         if own is not None:
             return frozenset(own)
-        if kind not in places:
-            c.problem((*base, "places"), f"no places for {kind!r} evidence: add `{kind}: [...]` under places")
+        if kind not in self.places:
+            self.c.problem((*self.base, "places"), f"no places for {kind!r} evidence: add `{kind}: [...]` under places")
             return frozenset()
-        return places[kind]
+        return self.places[kind]
 
-    def check_alias(alias: str, path: Loc) -> bool:
-        if alias not in systems:
-            close = difflib.get_close_matches(alias, list(systems), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; declared: {', '.join(systems)}"
-            c.problem(path, f"code system {alias!r} is not declared in recognition.code_systems{hint}")
+    def check_alias(self, alias: str, path: Loc) -> bool:
+        if alias not in self.systems:
+            close = difflib.get_close_matches(alias, list(self.systems), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; declared: {', '.join(self.systems)}"
+            self.c.problem(path, f"code system {alias!r} is not declared in recognition.code_systems{hint}")
             return False
         return True
 
-    def add_codes(alias: str, specs: list[str], meaning: CodedMeaning, path: Loc, *, prefixes: bool) -> None:
-        if not check_alias(alias, path):
+    def add_codes(self, alias: str, specs: list[str], meaning: CodedMeaning, path: Loc, *, prefixes: bool) -> None:
+        c = self.c
+        if not self.check_alias(alias, path):
             return
         try:
             codes = CodeSet(specs, prefixes=prefixes)
@@ -250,190 +305,186 @@ def compile_recognition(c: Compiler, spec: s.Recognition, base: Loc) -> Recognit
         c.groups.add(meaning.group)
         c.kind_places.setdefault(meaning.kind, set()).update(meaning.places)
         for code in codes.exact:
-            exact.setdefault((alias, code), []).append(meaning)
+            self.exact.setdefault((alias, code), []).append(meaning)
             c.add_code(alias, code, (meaning.kind, meaning.group), path)
         if codes.ranges or codes.prefixes:
-            code_sets.append(CodeEntry(alias, codes, meaning))
-            ranged.append((alias, codes, meaning, path))
+            self.code_sets.append(CodeEntry(alias, codes, meaning))
+            self.ranged.append((alias, codes, meaning, path))
 
-    # Billing codes.
-    billing_places = kind_places("billing-code", None, base)
-    for alias, codes in spec.billing_codes.items():
-        for code, entry in codes.items():
-            display = entry if isinstance(entry, str) else entry.display
-            group = "billing code" if isinstance(entry, str) else entry.group or "billing code"
-            meaning = CodedMeaning("billing-code", group, display, billing_places)
-            add_codes(alias, [code], meaning, (*base, "billing_codes", alias, code), prefixes=False)
+    def billing_codes(self) -> None:
+        base = self.base
+        billing_places = self.kind_places("billing-code", None, base)
+        for alias, codes in self.spec.billing_codes.items():
+            for code, entry in codes.items():
+                display = entry if isinstance(entry, str) else entry.display
+                group = "billing code" if isinstance(entry, str) else entry.group or "billing code"
+                meaning = CodedMeaning("billing-code", group, display, billing_places)
+                self.add_codes(alias, [code], meaning, (*base, "billing_codes", alias, code), prefixes=False)
 
-    # Techniques.
-    names: set[str] = set()
-    technique_meanings: dict[str, Meaning] = {}
-    for t, technique in enumerate(spec.techniques):
-        tpath = (*base, "techniques", t)
-        if technique.name in names:
-            c.problem((*tpath, "name"), f"technique {technique.name!r} is listed twice")
-        names.add(technique.name)
-        kind: s.EvidenceKind = "ambiguous-technique" if technique.needs_anatomy else "technique"
-        named = Meaning(kind, technique.name, kind_places(kind, technique.places, tpath))
-        technique_meanings[technique.name] = named
-        c.add_terms(
-            index,
-            technique.terms,
-            (*tpath, "terms"),
-            named,
-            kind_places=places,
-            needs_anatomy=technique.needs_anatomy,
-        )
-        for k, combination in enumerate(technique.combinations):
-            combo_id = f"{technique.name}#{k}"
-            for g, words in enumerate(combination):
-                part = Meaning(kind, technique.name, named.places, combo=(combo_id, g, len(combination)))
-                c.add_terms(
-                    index,
-                    words,
-                    (*tpath, "combinations", k, g),
-                    part,
-                    kind_places=places,
-                    needs_anatomy=technique.needs_anatomy,
-                    track=False,
-                )
-
-    # The policy's anatomy, by region.
-    anatomy = spec.anatomy
-    apath = (*base, "anatomy")
-    anatomy_places = kind_places("anatomy", None, apath)
-    for region, rspec in anatomy.regions.items():
-        rpath = (*apath, "regions", region)
-        for alias, sites in rspec.codes.items():
-            for code, site in sites.items():
-                meaning = CodedMeaning("anatomy", region, site, anatomy_places, region=region)
-                add_codes(alias, [code], meaning, (*rpath, "codes", alias, code), prefixes=False)
-        c.add_terms(
-            index,
-            rspec.terms,
-            (*rpath, "terms"),
-            Meaning("anatomy", region, anatomy_places, region=region),
-            kind_places=places,
-        )
-    for alias, entries in anatomy.diagnoses.items():
-        for d, dx in enumerate(entries):
-            dpath = (*apath, "diagnoses", alias, d)
-            if dx.region is not None and dx.region not in anatomy.regions:
-                c.problem((*dpath, "region"), f"region {dx.region!r} is not one of anatomy.regions")
-            specs = [part.strip() for part in dx.codes.split(",") if part.strip()]
-            # The most specific entry names a code covered by several (M54.2 within M40-M54).
-            specificity = 0 if any("-" in p and len(p.split("-")[0]) == len(p.split("-")[1]) for p in specs) else 1
-            specificity *= len(norm_code(dx.codes))
-            meaning = CodedMeaning(
-                "anatomy", dx.region or anatomy.name, dx.display, anatomy_places, dx.region or "", specificity
+    def techniques(self) -> None:
+        c, index, places = self.c, self.index, self.places
+        names: set[str] = set()
+        for t, technique in enumerate(self.spec.techniques):
+            tpath = (*self.base, "techniques", t)
+            if technique.name in names:
+                c.problem((*tpath, "name"), f"technique {technique.name!r} is listed twice")
+            names.add(technique.name)
+            kind: s.EvidenceKind = "ambiguous-technique" if technique.needs_anatomy else "technique"
+            named = Meaning(kind, technique.name, self.kind_places(kind, technique.places, tpath))
+            self.technique_meanings[technique.name] = named
+            c.add_terms(
+                index,
+                technique.terms,
+                (*tpath, "terms"),
+                named,
+                kind_places=places,
+                needs_anatomy=technique.needs_anatomy,
             )
-            # ICD-10-CM codes extend their category ("M54.5" covers M54.50, M54.51 ...): prefixes.
-            add_codes(alias, specs, meaning, (*dpath, "codes"), prefixes=alias.startswith("icd10"))
-
-    # Other body regions.
-    other_places = kind_places("other-anatomy", None, (*base, "other_anatomy"))
-    c.add_terms(
-        index,
-        spec.other_anatomy.terms,
-        (*base, "other_anatomy", "terms"),
-        Meaning("other-anatomy", "", other_places),
-        kind_places=places,
-    )
-
-    # Look-alikes.
-    look_names: set[str] = set()
-    for i, look in enumerate(spec.look_alikes):
-        lpath = (*base, "look_alikes", i)
-        if look.name in look_names:
-            c.problem((*lpath, "name"), f"look-alike {look.name!r} is listed twice")
-        look_names.add(look.name)
-        if not look.terms and not look.codes:
-            c.problem(lpath, "a look-alike needs codes or terms")
-        lplaces = kind_places(look.kind, look.places, lpath)
-        for alias, listed in look.codes.items():
-            look_code = CodedMeaning(look.kind, look.name, look.name, lplaces)
-            add_codes(alias, [str(x) for x in listed], look_code, (*lpath, "codes", alias), prefixes=False)
-        c.add_terms(index, look.terms, (*lpath, "terms"), Meaning(look.kind, look.name, lplaces), kind_places=places)
-
-    # Concept classes and the techniques composed of them (concepts.py).
-    compositions = compile_concepts(c, spec, index, technique_meanings, places, base)
-
-    # ConText triggers, terminators and answers: their own index, never evidence.
-    context = TermIndex()
-    for i, trigger in enumerate(spec.context):
-        ref = ContextTrigger(trigger.name, trigger.assertion, trigger.direction, trigger.window)
-        for t, term in enumerate(trigger.terms):
-            add_plain(c, context, term, ref, (*base, "context", i, "terms", t))
-    for t, term in enumerate(spec.terminators):
-        add_plain(c, context, term, "terminate", (*base, "terminators", t))
-    answers: dict[str, set[str]] = {"yes": set(), "no": set()}
-    if spec.questions is not None:
-        for answer in ("yes", "no"):
-            for t, term in enumerate(getattr(spec.questions, answer)):
-                if term.term is None:
-                    c.problem((*base, "questions", answer, t), "an answer is a word or phrase, not a pattern")
-                    continue
-                answers[answer].add(term_key(term.term, case=False))
-        for both in sorted(answers["yes"] & answers["no"]):
-            c.problem((*base, "questions"), f"{both!r} is listed as both a yes and a no answer")
-    typo_words: set[str] = set()
-    if spec.typos is not None:
-        for k, kind in enumerate(spec.typos.kinds):
-            if kind not in s.GUESS_KINDS:
-                c.problem(
-                    (*base, "typos", "kinds", k),
-                    f"a typo may only be read as a word of what the order names ({', '.join(sorted(s.GUESS_KINDS))}):"
-                    f" read as {kind} evidence, a guess would argue against the order",
-                )
-                continue
-            typo_words |= {w for w in c.words.get(kind, ()) if len(w) >= spec.typos.min_length and w.isalpha()}
-    known = set().union(*c.words.values()) if c.words else set()
-    for trigger in spec.context:
-        for term in trigger.terms:
-            if term.term is not None:
-                known.update(w for w in re.split(r"[^a-z0-9]+", fold(term.term).lower()) if w)
-
-    # A code listed exactly under one meaning and inside a range or prefix of a contradicting one ("78305" beside
-    # a look-alike's "78300-78320") is a contradiction like two exact codes.
-    for alias, covered, meaning, path in ranged:
-        for (code_alias, code), meanings in exact.items():
-            if code_alias != alias or code in covered.exact or code not in covered:
-                continue
-            for other in meanings:
-                if {meaning.kind, other.kind} & PRO_KINDS and {meaning.kind, other.kind} & CON_KINDS:
-                    c.problem(
-                        path,
-                        f"contradiction: {alias} {code} is {_describe(other.kind, other.group)} and inside this "
-                        f"range of {_describe(meaning.kind, meaning.group)}",
+            for k, combination in enumerate(technique.combinations):
+                combo_id = f"{technique.name}#{k}"
+                for g, words in enumerate(combination):
+                    part = Meaning(kind, technique.name, named.places, combo=(combo_id, g, len(combination)))
+                    c.add_terms(
+                        index,
+                        words,
+                        (*tpath, "combinations", k, g),
+                        part,
+                        kind_places=places,
+                        needs_anatomy=technique.needs_anatomy,
+                        track=False,
                     )
-    c.check_duplicates()
-    try:
-        index.compile()
-        context.compile()
-    except TermError as exc:
-        c.problem(base, str(exc))
-    return Recognition(
-        compositions=compositions,
-        system_alias=aliases,
-        canonical_system=canonical,
-        order_fields=frozenset(spec.order_fields),
-        exact_codes=exact,
-        code_sets=code_sets,
-        index=index,
-        anatomy=anatomy.name,
-        regions=tuple(anatomy.regions),
-        context=context,
-        context_kinds=frozenset(spec.context_kinds),
-        yes_answers=frozenset(answers["yes"]),
-        no_answers=frozenset(answers["no"]),
-        typo_words=tuple(sorted(typo_words)),
-        known_words=frozenset(known),
-        typo_min_length=spec.typos.min_length if spec.typos else 8,
-        abbreviations=dict(spec.abbreviations),
-        typo_max_edits=spec.typos.max_edits if spec.typos else 1,
-        typo_long_length=spec.typos.two_edits_from or 99 if spec.typos else 99,
-        typo_max_edits_long=2 if spec.typos and spec.typos.two_edits_from else 1,
-    )
+
+    def anatomy(self) -> None:
+        """The policy's anatomy, by region: body-site codes, words, and the diagnoses that name the region."""
+        c, anatomy = self.c, self.spec.anatomy
+        apath = (*self.base, "anatomy")
+        anatomy_places = self.kind_places("anatomy", None, apath)
+        for region, rspec in anatomy.regions.items():
+            rpath = (*apath, "regions", region)
+            for alias, sites in rspec.codes.items():
+                for code, site in sites.items():
+                    meaning = CodedMeaning("anatomy", region, site, anatomy_places, region=region)
+                    self.add_codes(alias, [code], meaning, (*rpath, "codes", alias, code), prefixes=False)
+            c.add_terms(
+                self.index,
+                rspec.terms,
+                (*rpath, "terms"),
+                Meaning("anatomy", region, anatomy_places, region=region),
+                kind_places=self.places,
+            )
+        for alias, entries in anatomy.diagnoses.items():
+            for d, dx in enumerate(entries):
+                dpath = (*apath, "diagnoses", alias, d)
+                if dx.region is not None and dx.region not in anatomy.regions:
+                    c.problem((*dpath, "region"), f"region {dx.region!r} is not one of anatomy.regions")
+                specs = [part.strip() for part in dx.codes.split(",") if part.strip()]
+                # The most specific entry names a code covered by several (M54.2 within M40-M54).
+                specificity = 0 if any("-" in p and len(p.split("-")[0]) == len(p.split("-")[1]) for p in specs) else 1
+                specificity *= len(norm_code(dx.codes))
+                meaning = CodedMeaning(
+                    "anatomy", dx.region or anatomy.name, dx.display, anatomy_places, dx.region or "", specificity
+                )
+                # ICD-10-CM codes extend their category ("M54.5" covers M54.50, M54.51 ...): prefixes.
+                self.add_codes(alias, specs, meaning, (*dpath, "codes"), prefixes=alias.startswith("icd10"))
+
+    def other_anatomy(self) -> None:
+        base = self.base
+        other_places = self.kind_places("other-anatomy", None, (*base, "other_anatomy"))
+        self.c.add_terms(
+            self.index,
+            self.spec.other_anatomy.terms,
+            (*base, "other_anatomy", "terms"),
+            Meaning("other-anatomy", "", other_places),
+            kind_places=self.places,
+        )
+
+    def look_alikes(self) -> None:
+        c = self.c
+        look_names: set[str] = set()
+        for i, look in enumerate(self.spec.look_alikes):
+            lpath = (*self.base, "look_alikes", i)
+            if look.name in look_names:
+                c.problem((*lpath, "name"), f"look-alike {look.name!r} is listed twice")
+            look_names.add(look.name)
+            if not look.terms and not look.codes:
+                c.problem(lpath, "a look-alike needs codes or terms")
+            lplaces = self.kind_places(look.kind, look.places, lpath)
+            for alias, listed in look.codes.items():
+                look_code = CodedMeaning(look.kind, look.name, look.name, lplaces)
+                self.add_codes(alias, [str(x) for x in listed], look_code, (*lpath, "codes", alias), prefixes=False)
+            c.add_terms(
+                self.index,
+                look.terms,
+                (*lpath, "terms"),
+                Meaning(look.kind, look.name, lplaces),
+                kind_places=self.places,
+            )
+
+    def context(self) -> TermIndex:
+        """ConText triggers and terminators: their own index, never evidence."""
+        c, spec, base = self.c, self.spec, self.base
+        context = TermIndex()
+        for i, trigger in enumerate(spec.context):
+            ref = ContextTrigger(trigger.name, trigger.assertion, trigger.direction, trigger.window)
+            for t, term in enumerate(trigger.terms):
+                add_plain(c, context, term, ref, (*base, "context", i, "terms", t))
+        for t, term in enumerate(spec.terminators):
+            add_plain(c, context, term, "terminate", (*base, "terminators", t))
+        return context
+
+    def answers(self) -> dict[str, set[str]]:
+        c, spec, base = self.c, self.spec, self.base
+        answers: dict[str, set[str]] = {"yes": set(), "no": set()}
+        if spec.questions is not None:
+            for answer in ("yes", "no"):
+                for t, term in enumerate(getattr(spec.questions, answer)):
+                    if term.term is None:
+                        c.problem((*base, "questions", answer, t), "an answer is a word or phrase, not a pattern")
+                        continue
+                    answers[answer].add(term_key(term.term, case=False))
+            for both in sorted(answers["yes"] & answers["no"]):
+                c.problem((*base, "questions"), f"{both!r} is listed as both a yes and a no answer")
+        return answers
+
+    def typo_words(self) -> set[str]:
+        c, spec = self.c, self.spec
+        typo_words: set[str] = set()
+        if spec.typos is not None:
+            for k, kind in enumerate(spec.typos.kinds):
+                if kind not in s.GUESS_KINDS:
+                    c.problem(
+                        (*self.base, "typos", "kinds", k),
+                        "a typo may only be read as a word of what the order names "
+                        f"({', '.join(sorted(s.GUESS_KINDS))}):"
+                        f" read as {kind} evidence, a guess would argue against the order",
+                    )
+                    continue
+                typo_words |= {w for w in c.words.get(kind, ()) if len(w) >= spec.typos.min_length and w.isalpha()}
+        return typo_words
+
+    def known_words(self) -> set[str]:
+        c = self.c
+        known: set[str] = set().union(*c.words.values()) if c.words else set()
+        for trigger in self.spec.context:
+            for term in trigger.terms:
+                if term.term is not None:
+                    known.update(w for w in re.split(r"[^a-z0-9]+", fold(term.term).lower()) if w)
+        return known
+
+    def contradictions(self) -> None:
+        """A code listed exactly under one meaning and inside a range or prefix of a contradicting one ("78305" beside
+        a look-alike's "78300-78320") is a contradiction like two exact codes."""
+        for alias, covered, meaning, path in self.ranged:
+            for (code_alias, code), meanings in self.exact.items():
+                if code_alias != alias or code in covered.exact or code not in covered:
+                    continue
+                for other in meanings:
+                    if {meaning.kind, other.kind} & PRO_KINDS and {meaning.kind, other.kind} & CON_KINDS:
+                        self.c.problem(
+                            path,
+                            f"contradiction: {alias} {code} is {_describe(other.kind, other.group)} and inside this "
+                            f"range of {_describe(meaning.kind, meaning.group)}",
+                        )
 
 
 def add_plain(c: Compiler, index: TermIndex, spec: s.TermSpec, ref: Any, path: Loc) -> None:

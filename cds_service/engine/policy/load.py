@@ -42,21 +42,10 @@ def packaged_policy_dir() -> Path:
 
 
 def _compile(c: Compiler, spec: s.PolicyFile, digest: str) -> Policy:
+    """The whole policy compiled, section by section (the order fixes the order of problems)."""
     meta = spec.policy
     facts = {"payer": spec.payer.name, "title": meta.title, "reference": meta.reference, "version": meta.version}
-    services = []
-    for hook, sdef in (
-        ("order-select", spec.services.order_select),
-        ("order-sign", spec.services.order_sign),
-        ("order-dispatch", spec.services.order_dispatch),
-        ("appointment-book", spec.services.appointment_book),
-        ("encounter-start", spec.services.encounter_start),
-    ):
-        if sdef is not None:
-            services.append(ServiceDef(hook, sdef.id, sdef.title))
-    if not services:
-        c.problem(("services",), "name at least one hook (order-select, order-sign, ...)")
-
+    services = _services(c, spec)
     card = spec.card
     summary = c.fill(card.summary, facts, ("card", "summary"))
     if len(summary) > SUMMARY_LIMIT:
@@ -64,77 +53,10 @@ def _compile(c: Compiler, spec: s.PolicyFile, digest: str) -> Policy:
     reasons = tuple(Coding(card.override_reasons.system, r.code, r.display) for r in card.override_reasons.reasons)
     if len({r.code for r in reasons}) != len(reasons):
         c.problem(("card", "override_reasons", "reasons"), "override reason codes must be unique")
-    instructions = card.instructions
     recognition = compile_recognition(c, spec.recognition, ("recognition",))
-
-    def coding(spec_: s.CodingSpec) -> Coding:
-        return Coding(spec_.system, spec_.code, spec_.display)
-
-    alternatives: dict[str, Alternative] = {}
-    for region, alt in spec.alternatives.regions.items():
-        if region not in spec.recognition.anatomy.regions:
-            c.problem(
-                ("alternatives", "regions", region),
-                f"region {region!r} is not one of recognition.anatomy.regions ({', '.join(recognition.regions)})",
-            )
-        named = {**facts, "alternative": alt.label}
-        alternatives[region] = Alternative(
-            region=region,
-            label=alt.label,
-            code=coding(alt.code),
-            body_site=coding(alt.body_site),
-            suggestion_label=c.fill(card.alternative.label, named, ("card", "alternative", "label")),
-            instead=c.fill(card.alternative.instead, named, ("card", "alternative", "instead")),
-        )
-    if not alternatives:
-        # The {alternative} placeholders are still checked when no region has an alternative.
-        c.fill(card.alternative.label, {**facts, "alternative": ""}, ("card", "alternative", "label"))
-        c.fill(card.alternative.instead, {**facts, "alternative": ""}, ("card", "alternative", "instead"))
-
-    text = CardText(
-        indicator=card.indicator,
-        summary=summary,
-        matched=c.fill(card.matched, facts, ("card", "matched")),
-        position=c.fill(card.position, facts, ("card", "position")),
-        evidence=c.fill(card.evidence, facts, ("card", "evidence")),
-        footer=c.fill(card.footer, facts, ("card", "footer")),
-        links=tuple(Link(link.label, link.url, link.detail) for link in card.links),
-        override_reasons=reasons,
-        guideline_topic=coding(card.guideline.topic),
-        guideline_instead=c.fill(card.guideline.instead, facts, ("card", "guideline", "instead")),
-        alternative_topic=coding(card.alternative.topic),
-        alternative_remove=c.fill(card.alternative.remove, facts, ("card", "alternative", "remove")),
-        alternative_description=c.fill(card.alternative.description, facts, ("card", "alternative", "description")),
-        instructions_topic=coding(instructions.topic) if instructions else None,
-        instructions_summary=c.fill(instructions.summary, facts, ("card", "instructions", "summary"))
-        if instructions
-        else None,
-        instructions_detail=c.fill(instructions.detail, facts, ("card", "instructions", "detail"))
-        if instructions
-        else None,
-    )
-    # The detail holds the order's name (at most 12 words) and why it matched besides these words: they may take at
-    # most two thirds of the card's MAX_DETAIL_WORDS, so the whole reads without scrolling.
-    instead = max([text.guideline_instead, *(a.instead for a in alternatives.values())], key=word_count)
-    links = " ".join(link.detail for link in text.links if link.detail)
-    own = word_count(" ".join([text.matched, "What to do:", instead, text.position, text.evidence, text.footer, links]))
-    if own > MAX_DETAIL_WORDS * 2 // 3:
-        c.problem(
-            ("card",),
-            f"the card's own words (matched, instead, position, evidence, footer, link labels) come to {own}; at most "
-            f"{MAX_DETAIL_WORDS * 2 // 3} leave room for the order's name and why it matched in "
-            f"{MAX_DETAIL_WORDS} words",
-        )
-    if text.instructions_detail and word_count(text.instructions_detail) > MAX_DETAIL_WORDS - 12:
-        c.problem(("card", "instructions", "detail"), f"at most {MAX_DETAIL_WORDS - 12} words")
-    if text.instructions_summary and len(text.instructions_summary) > SUMMARY_LIMIT:
-        c.problem(("card", "instructions", "summary"), "a card summary must be under 140 characters")
-    topics = [text.guideline_topic.code, text.alternative_topic.code]
-    if text.instructions_topic:
-        topics.append(text.instructions_topic.code)
-    if len(set(topics)) != len(topics):
-        # Each card type is switched on and off by its topic code (CRD davinci-crd.configuration-options, dev-5).
-        c.problem(("card",), f"each card type needs its own topic code, got {topics}")
+    alternatives = _alternatives(c, spec, facts, recognition.regions)
+    text = _card_text(c, card, facts, summary, reasons)
+    _check_card_words(c, text, alternatives)
     rules = compile_rules(c, spec)
     prefilter(spec.recognition, rules, recognition)
     return Policy(
@@ -160,6 +82,106 @@ def _compile(c: Compiler, spec: s.PolicyFile, digest: str) -> Policy:
         source=c.source,
         sha256=digest,
     )
+
+
+def _services(c: Compiler, spec: s.PolicyFile) -> list[ServiceDef]:
+    services = []
+    for hook, sdef in (
+        ("order-select", spec.services.order_select),
+        ("order-sign", spec.services.order_sign),
+        ("order-dispatch", spec.services.order_dispatch),
+        ("appointment-book", spec.services.appointment_book),
+        ("encounter-start", spec.services.encounter_start),
+    ):
+        if sdef is not None:
+            services.append(ServiceDef(hook, sdef.id, sdef.title))
+    if not services:
+        c.problem(("services",), "name at least one hook (order-select, order-sign, ...)")
+    return services
+
+
+def _coding(spec: s.CodingSpec) -> Coding:
+    return Coding(spec.system, spec.code, spec.display)
+
+
+def _alternatives(
+    c: Compiler, spec: s.PolicyFile, facts: dict[str, str], regions: tuple[str, ...]
+) -> dict[str, Alternative]:
+    card = spec.card
+    alternatives: dict[str, Alternative] = {}
+    for region, alt in spec.alternatives.regions.items():
+        if region not in spec.recognition.anatomy.regions:
+            c.problem(
+                ("alternatives", "regions", region),
+                f"region {region!r} is not one of recognition.anatomy.regions ({', '.join(regions)})",
+            )
+        named = {**facts, "alternative": alt.label}
+        alternatives[region] = Alternative(
+            region=region,
+            label=alt.label,
+            code=_coding(alt.code),
+            body_site=_coding(alt.body_site),
+            suggestion_label=c.fill(card.alternative.label, named, ("card", "alternative", "label")),
+            instead=c.fill(card.alternative.instead, named, ("card", "alternative", "instead")),
+        )
+    if not alternatives:
+        # The {alternative} placeholders are still checked when no region has an alternative.
+        c.fill(card.alternative.label, {**facts, "alternative": ""}, ("card", "alternative", "label"))
+        c.fill(card.alternative.instead, {**facts, "alternative": ""}, ("card", "alternative", "instead"))
+    return alternatives
+
+
+def _card_text(
+    c: Compiler, card: s.CardSpec, facts: dict[str, str], summary: str, reasons: tuple[Coding, ...]
+) -> CardText:
+    instructions = card.instructions
+    return CardText(
+        indicator=card.indicator,
+        summary=summary,
+        matched=c.fill(card.matched, facts, ("card", "matched")),
+        position=c.fill(card.position, facts, ("card", "position")),
+        evidence=c.fill(card.evidence, facts, ("card", "evidence")),
+        footer=c.fill(card.footer, facts, ("card", "footer")),
+        links=tuple(Link(link.label, link.url, link.detail) for link in card.links),
+        override_reasons=reasons,
+        guideline_topic=_coding(card.guideline.topic),
+        guideline_instead=c.fill(card.guideline.instead, facts, ("card", "guideline", "instead")),
+        alternative_topic=_coding(card.alternative.topic),
+        alternative_remove=c.fill(card.alternative.remove, facts, ("card", "alternative", "remove")),
+        alternative_description=c.fill(card.alternative.description, facts, ("card", "alternative", "description")),
+        instructions_topic=_coding(instructions.topic) if instructions else None,
+        instructions_summary=c.fill(instructions.summary, facts, ("card", "instructions", "summary"))
+        if instructions
+        else None,
+        instructions_detail=c.fill(instructions.detail, facts, ("card", "instructions", "detail"))
+        if instructions
+        else None,
+    )
+
+
+def _check_card_words(c: Compiler, text: CardText, alternatives: dict[str, Alternative]) -> None:
+    # The detail holds the order's name (at most 12 words) and why it matched besides these words: they may take at
+    # most two thirds of the card's MAX_DETAIL_WORDS, so the whole reads without scrolling.
+    instead = max([text.guideline_instead, *(a.instead for a in alternatives.values())], key=word_count)
+    links = " ".join(link.detail for link in text.links if link.detail)
+    own = word_count(" ".join([text.matched, "What to do:", instead, text.position, text.evidence, text.footer, links]))
+    if own > MAX_DETAIL_WORDS * 2 // 3:
+        c.problem(
+            ("card",),
+            f"the card's own words (matched, instead, position, evidence, footer, link labels) come to {own}; at most "
+            f"{MAX_DETAIL_WORDS * 2 // 3} leave room for the order's name and why it matched in "
+            f"{MAX_DETAIL_WORDS} words",
+        )
+    if text.instructions_detail and word_count(text.instructions_detail) > MAX_DETAIL_WORDS - 12:
+        c.problem(("card", "instructions", "detail"), f"at most {MAX_DETAIL_WORDS - 12} words")
+    if text.instructions_summary and len(text.instructions_summary) > SUMMARY_LIMIT:
+        c.problem(("card", "instructions", "summary"), "a card summary must be under 140 characters")
+    topics = [text.guideline_topic.code, text.alternative_topic.code]
+    if text.instructions_topic:
+        topics.append(text.instructions_topic.code)
+    if len(set(topics)) != len(topics):
+        # Each card type is switched on and off by its topic code (CRD davinci-crd.configuration-options, dev-5).
+        c.problem(("card",), f"each card type needs its own topic code, got {topics}")
 
 
 def load_policy_file(source: Path) -> tuple[Policy | None, list[Problem]]:
