@@ -7,7 +7,7 @@ from datetime import date
 
 from .engine import HookRequest, Outcome, Service, assess, respond
 from .engine.referenced import ENCOUNTER_START, complete
-from .fhir.client import CoverageFinder
+from .fhir.coverage import CoverageFinder
 from .ops import tracing
 
 

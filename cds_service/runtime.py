@@ -15,7 +15,8 @@ from .config import Settings
 from .engine import discovery_entries
 from .engine.policy import PolicySet, load_policies
 from .fhir.breaker import BreakerSettings
-from .fhir.client import CoverageFinder, FhirReader, FhirSettings
+from .fhir.client import FhirReader, FhirSettings
+from .fhir.coverage import CoverageFinder
 from .fhir.coverage_cache import CoverageCache
 from .store.jti import MemoryJtiStore
 

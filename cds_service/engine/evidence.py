@@ -12,7 +12,7 @@ from rapidfuzz.process import extract
 from . import context as ctx
 from .orders import WORD, Answer, OrderView
 from .policy.model import CodedMeaning, Composition, ConceptRef, ContextTrigger, Meaning, Policy, Recognition, norm_code
-from .policy.schema import ASSERTED, GUESS_KINDS, Assertion, EvidenceKind, Place
+from .policy.schema import ASSERTED, GUESS_KINDS, PRO_KINDS, Assertion, EvidenceKind, Place
 from .terms import TermHit, fold, term_key
 
 PLACE_WORDS: dict[str, str] = {
@@ -28,7 +28,6 @@ PLACE_WORDS: dict[str, str] = {
     "supporting_info": "supporting information",
 }
 _SYSTEM_NAMES = {"cpt": "CPT", "snomed": "SNOMED", "icd10cm": "ICD-10-CM", "icd10": "ICD-10", "loinc": "LOINC"}
-PRO_KINDS: frozenset[str] = frozenset({"billing-code", "technique", "ambiguous-technique", "anatomy"})
 
 
 @dataclass(frozen=True)
@@ -403,9 +402,6 @@ def _combine(parts: list[_Mention]) -> tuple[Assertion, str]:
     return ("requested", requested.context) if requested else ("affirmed", "")
 
 
-_PRO_WORDS = frozenset({"technique", "ambiguous-technique", "anatomy", "billing-code"})
-
-
 def _scan(order: OrderView, rec: Recognition) -> list[tuple[int, Place, str, list[TermHit]]]:
     """Every text of the order with the policy's terms found in it (one pass of the combined term automaton)."""
     out = []
@@ -627,8 +623,8 @@ def collect(order: OrderView, policy: Policy) -> OrderEvidence:
     scanned = _scan(order, rec)
     if not found.items and not any(hits for _, _, _, hits in scanned):
         return found
-    pro = any(item.kind in _PRO_WORDS for item in found.items) or any(
-        isinstance(ref, Meaning) and ref.kind in _PRO_WORDS for _, _, _, hits in scanned for h in hits for ref in h.refs
+    pro = any(item.kind in PRO_KINDS for item in found.items) or any(
+        isinstance(ref, Meaning) and ref.kind in PRO_KINDS for _, _, _, hits in scanned for h in hits for ref in h.refs
     )
     _read_texts(order, policy, found, scanned, typos=pro and bool(rec.typo_words or rec.abbreviations))
     items = found.items

@@ -10,11 +10,11 @@ from .model import Composition, ConceptRef, Meaning
 from .yamlread import Loc
 
 if TYPE_CHECKING:
-    from .load import _Compiler
+    from .compile_recognition import Compiler
 
 
 def compile_concepts(
-    c: _Compiler,
+    c: Compiler,
     spec: s.Recognition,
     index: TermIndex,
     techniques: dict[str, Meaning],

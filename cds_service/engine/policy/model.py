@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..terms import TermIndex
-from .schema import Assertion, EvidenceKind, Place, Verdict
+from .schema import Assertion, EvidenceKind, Judgement, Place
 
 COVERED_BY_STATUS = {
     # Da Vinci CRD ext-coverage-information `covered` (covered | not-covered | conditional). CRD has no
@@ -211,7 +211,7 @@ Cond = EvidenceTest | FactTest | Group
 class Rule:
     id: str
     when: Cond | None
-    verdict: Verdict
+    verdict: Judgement
     reason: str
     # The orders it decides are possible misses, listed for the analyst (policy `review: true`).
     review: bool = False

@@ -39,6 +39,11 @@ EVIDENCE_KINDS: tuple[str, ...] = EvidenceKind.__args__  # type: ignore[attr-def
 # What a guessed reading (a typo, an abbreviation, a word cut at a field's end) may be read as: the order's own
 # subject. A guess may help recognise what the order names; it must never create evidence against it.
 GUESS_KINDS: frozenset[str] = frozenset({"technique", "ambiguous-technique", "anatomy"})
+# Evidence that argues for the service and evidence that argues against it: one word cannot be both.
+PRO_KINDS: frozenset[str] = frozenset({"billing-code", "technique", "ambiguous-technique", "anatomy"})
+CON_KINDS: frozenset[str] = frozenset(
+    {"other-anatomy", "look-alike", "billing-explanation", "comparator", "other-service"}
+)
 
 # ConText categories (Harkema et al. 2009, "ConText: an algorithm for determining negation, experiencer, and
 # temporal status from clinical reports"), with "affirmed" for a mention the order asserts and "requested" for one
@@ -47,7 +52,7 @@ Assertion = Literal["affirmed", "requested", "negated", "historical", "hypotheti
 ASSERTED: frozenset[str] = frozenset({"affirmed", "requested"})
 ASSERTIONS: tuple[str, ...] = Assertion.__args__  # type: ignore[attr-defined]
 
-Verdict = Literal["flagged", "not-flagged"]
+Judgement = Literal["flagged", "not-flagged"]
 Status = Literal["investigational", "not-covered", "covered", "conditional"]
 Hook = Literal["order-select", "order-sign"]
 
@@ -407,7 +412,7 @@ class Condition(Strict):
 class Rule(Strict):
     id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
     when: Annotated[Condition | None, Field(description="Omit for the last rule, which always holds")] = None
-    verdict: Verdict
+    verdict: Judgement
     reason: Annotated[
         str, Field(min_length=1, description="Placeholders: {status}, {intent}, {deciding} and evidence kinds")
     ]
