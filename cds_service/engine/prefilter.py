@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import re
 
-from .evidence import read_cut, read_word, typo_choices
+from .guesses import read_cut, read_word, typo_choices
 from .orders import OrderWords, order_words
 from .policy.model import Recognition
 
