@@ -83,7 +83,7 @@ ORDINARY_IMAGING: list[dict[str, Any]] = [
 
 
 def _candidates() -> list[dict[str, Any]]:
-    cases = [c for f in sorted((ROOT / "cards" / "examples").glob("*.json")) for c in json.loads(f.read_text())]
+    cases = [c for f in sorted((ROOT / "policies" / "examples").glob("*.json")) for c in json.loads(f.read_text())]
     return [c["resource"] for c in cases]
 
 

@@ -224,13 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="read missing prefetch data (the Coverage) from the request's fhirServer, as the service "
         "does; by default evaluation is offline and uses the request's prefetch only",
     )
-    ev.add_argument("--policy-dir", help="policy folder (default: CDS_POLICY_DIR or the packaged cards/)")
+    ev.add_argument("--policy-dir", help="policy folder (default: CDS_POLICY_DIR or the packaged policies/)")
     ev.set_defaults(func=cmd_evaluate)
 
     check = sub.add_parser(
         "check-policy", help="validate the policy files, run their labelled examples, and list every problem"
     )
-    check.add_argument("dir", nargs="?", help="policy folder (default: CDS_POLICY_DIR or the packaged cards/)")
+    check.add_argument("dir", nargs="?", help="policy folder (default: CDS_POLICY_DIR or the packaged policies/)")
     check.set_defaults(func=cmd_check_policy)
 
     schema = sub.add_parser("policy-schema", help="print the JSON Schema of the policy file format")

@@ -29,7 +29,7 @@ def instance_folder() -> str:
 
 # Every setting the service reads, with its default. docs/operators.md (Settings) documents each one.
 DEFAULTS: dict[str, Any] = {
-    "POLICY_DIR": None,  # None: the packaged cards/
+    "POLICY_DIR": None,  # None: the packaged policies/
     "PUBLIC_URL": "http://127.0.0.1:8080",
     "AUTH": "jwt",
     "TRUSTED_ISSUERS": None,

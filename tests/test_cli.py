@@ -107,10 +107,10 @@ def test_flask_run_entry_point_finds_the_app() -> None:
 
 @pytest.mark.slow
 def test_built_wheel_finds_its_policy_files_from_another_folder(tmp_path: Path) -> None:
-    """A plain, non-editable install carries cards/ inside the package and works outside the checkout."""
+    """A plain, non-editable install carries policies/ inside the package and works outside the checkout."""
     wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
-    assert "cds_service/_cards/dynamic-spinal-visualization.yaml" in names
+    assert "cds_service/_policies/dynamic-spinal-visualization.yaml" in names
     for path in ("env.py", "script.py.mako", "versions/0001_initial.py"):
         assert f"cds_service/store/migrations/{path}" in names
     target = tmp_path / "site"
@@ -144,7 +144,7 @@ def test_built_wheel_finds_its_policy_files_from_another_folder(tmp_path: Path) 
 
 def test_check_policy_refuses_card_text_too_long_to_scan(tmp_path: Path) -> None:
     # The card's own words must leave room for the order's name and why it matched within 120 words.
-    policy = (ROOT / "cards" / "dynamic-spinal-visualization.yaml").read_text()
+    policy = (ROOT / "policies" / "dynamic-spinal-visualization.yaml").read_text()
     long_evidence = "Long evidence. " * 60
     marker = "    No study shows that it improves diagnosis or outcomes, and no guideline recommends it.\n"
     assert marker in policy

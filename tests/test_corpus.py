@@ -1,4 +1,4 @@
-"""The packaged policy's labelled examples (cards/examples/): precision and recall of 1.0, explanations that name
+"""The packaged policy's labelled examples (policies/examples/): precision and recall of 1.0, explanations that name
 the evidence, and the same verdicts through order-select and order-sign."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from cds_service.engine import Policy, Verdict, describe, explain_lines, judge, 
 from .builders import hook_request
 from .conftest import ROOT, SELECT, SIGN
 
-CORPUS = ROOT / "cards" / "examples"
+CORPUS = ROOT / "policies" / "examples"
 GROUPS = sorted(p.stem for p in CORPUS.glob("*.json"))
 LABELS = ("dsv", "not-dsv")
 TECHNIQUES = ("technique", "ambiguous-technique")

@@ -353,7 +353,7 @@ def test_the_card_type_system_follows_the_requested_crd_version(
 def strict_policy_client(tmp_path: Path) -> FlaskClient:
     folder = tmp_path / "cards"
     folder.mkdir()
-    text = (ROOT / "cards" / "dynamic-spinal-visualization.yaml").read_text()
+    text = (ROOT / "policies" / "dynamic-spinal-visualization.yaml").read_text()
     marker = "    query: Coverage?patient={{context.patientId}}&status=active\n"
     assert marker in text
     (folder / "policy.yaml").write_text(text.replace(marker, marker + "    required: true\n"))

@@ -23,7 +23,7 @@ from .test_policy_file import schema_errors
 
 SYNTHETIC = ROOT / "tests" / "policies" / "engine-test" / "engine-test.yaml"
 SECOND = ROOT / "tests" / "policies" / "second" / "carotid-intima-media-thickness.yaml"
-SHIPPED_LANGUAGES = ROOT / "cards" / "languages"
+SHIPPED_LANGUAGES = ROOT / "policies" / "languages"
 
 # Two synthetic languages: words no shipped file has, so the tests never depend on the shipped wording.
 ZZ = """\
@@ -108,12 +108,12 @@ def test_the_second_policy_reads_declined_as_declined_without_a_word_of_its_own(
 
 
 def test_the_shipped_policy_names_its_languages_and_writes_none_of_their_sections() -> None:
-    data = yaml.safe_load((ROOT / "cards" / "dynamic-spinal-visualization.yaml").read_text(encoding="utf-8"))
+    data = yaml.safe_load((ROOT / "policies" / "dynamic-spinal-visualization.yaml").read_text(encoding="utf-8"))
     recognition = data["recognition"]
     assert recognition["languages"] == ["en", "es"]
     assert not {"context", "terminators", "questions", "abbreviations", "typos"} & set(recognition)
     # Spanish words come from es.yaml only: a Spanish negation negates.
-    policy = loaded(ROOT / "cards" / "dynamic-spinal-visualization.yaml")
+    policy = loaded(ROOT / "policies" / "dynamic-spinal-visualization.yaml")
     judged = judge(read_order(service_request("o1", text="Rayos X columna lumbar, sin DMX")), policy)
     assert not judged.flagged and any(e.assertion == "negated" for e in judged.evidence_against)
 

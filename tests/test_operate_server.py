@@ -111,7 +111,7 @@ def test_one_scrape_counts_the_calls_of_both_workers_exactly(tmp_path: Path) -> 
 def policy_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "cards"
     folder.mkdir()
-    shutil.copyfile(ROOT / "cards" / POLICY_FILE, folder / POLICY_FILE)
+    shutil.copyfile(ROOT / "policies" / POLICY_FILE, folder / POLICY_FILE)
     return folder
 
 

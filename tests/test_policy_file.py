@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 from pathlib import Path
@@ -18,7 +19,7 @@ from .conftest import ROOT
 from .process_support import cds_service_command
 
 SYNTHETIC = ROOT / "tests" / "policies" / "engine-test" / "engine-test.yaml"
-SHIPPED = ROOT / "cards" / "dynamic-spinal-visualization.yaml"
+SHIPPED = ROOT / "policies" / "dynamic-spinal-visualization.yaml"
 PROBLEM_LINE = re.compile(r"^ERROR (?P<file>\S+\.yaml): (?P<path>[^\s,]+), line (?P<line>\d+): (?P<message>.+)$")
 
 
@@ -451,9 +452,9 @@ def test_the_policy_files_validate_against_the_schema(source: Path) -> None:
 
 @pytest.mark.slow
 def test_the_packaged_schema_file_is_the_commands_output() -> None:
-    packaged = ROOT / "cards" / "policy.schema.json"
+    packaged = ROOT / "policies" / "policy.schema.json"
     if not packaged.exists():
-        pytest.skip("cards/policy.schema.json is not written yet")
+        pytest.skip("policies/policy.schema.json is not written yet")
     assert json.loads(packaged.read_text(encoding="utf-8")) == command_schema()
 
 
@@ -567,3 +568,24 @@ def test_review_must_be_true_or_false(tmp_path: Path) -> None:
     path = edited(tmp_path, (old, "    review: often\n    reason: billing code without limb evidence\n"))
     [problem] = problems(path)
     assert problem.startswith(f"{path}: decision[13].review, line {line_of(path, 'review: often')}: ")
+
+
+def test_the_policy_folder_is_policies_and_the_old_cards_folder_is_still_read_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cds_service.engine.policy.load import find_policy_dir
+
+    package = tmp_path / "site" / "cds_service"
+    package.mkdir(parents=True)
+    (package / "_cards").mkdir()
+    with caplog.at_level(logging.WARNING):
+        assert find_policy_dir(package) == (package / "_cards").resolve()
+    assert "now called policies/" in caplog.text
+    (package / "_policies").mkdir()
+    caplog.clear()
+    assert find_policy_dir(package) == (package / "_policies").resolve()
+    assert not caplog.text
+    checkout = tmp_path / "checkout"
+    (checkout / "cds_service").mkdir(parents=True)
+    (checkout / "policies").mkdir()
+    assert find_policy_dir(checkout / "cds_service") == (checkout / "policies").resolve()

@@ -19,7 +19,7 @@ FILE = "dynamic-spinal-visualization.yaml"
 def test_a_valid_change_switches_policies_services_and_discovery_together(tmp_path: Path) -> None:
     folder = tmp_path / "cards"
     folder.mkdir()
-    shutil.copyfile(ROOT / "cards" / FILE, folder / FILE)
+    shutil.copyfile(ROOT / "policies" / FILE, folder / FILE)
     app = create_app({"AUTH": "off", "DATABASE_URL": f"sqlite:///{tmp_path / 'c.sqlite3'}", "POLICY_DIR": folder})
     client = app.test_client()
     before = services_of(app).runtime
@@ -47,7 +47,7 @@ def test_a_valid_change_switches_policies_services_and_discovery_together(tmp_pa
 def test_an_invalid_change_keeps_the_running_policy(tmp_path: Path) -> None:
     folder = tmp_path / "cards"
     folder.mkdir()
-    shutil.copyfile(ROOT / "cards" / FILE, folder / FILE)
+    shutil.copyfile(ROOT / "policies" / FILE, folder / FILE)
     app = create_app({"AUTH": "off", "DATABASE_URL": f"sqlite:///{tmp_path / 'c.sqlite3'}", "POLICY_DIR": folder})
     client = app.test_client()
     running = services_of(app).runtime

@@ -24,7 +24,7 @@ from .conftest import ROOT
 from .process_support import cds_service_command
 
 SECOND = ROOT / "tests" / "policies" / "second"
-SHIPPED = ROOT / "cards"
+SHIPPED = ROOT / "policies"
 CIMT = "carotid-intima-media-thickness"
 DSV = "dynamic-spinal-visualization"
 SERVICES = {

@@ -139,7 +139,7 @@ def cmd_audit_replay_spill(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     if args.possible_misses and args.format != "json":
         _say(
-            "cds-service: --possible-misses writes labelled examples (cards/examples/*.json): add --format json",
+            "cds-service: --possible-misses writes labelled examples (policies/examples/*.json): add --format json",
             error=True,
         )
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 from pathlib import Path
 
 from ..markdown import MAX_DETAIL_WORDS, word_count
@@ -28,6 +29,8 @@ from .model import (
 )
 from .yamlread import Loc, Located, Problem, read_yaml
 
+log = logging.getLogger(__name__)
+
 # CDS Hooks 2.0: card summary "<140 characters"; the Inferno CRD kit fails 140 and more.
 SUMMARY_LIMIT = 139
 FACTS = ("payer", "title", "reference", "version")
@@ -35,10 +38,30 @@ EXAMPLES_DIR = "examples"
 
 
 def packaged_policy_dir() -> Path:
-    """The policy folder shipped with the package, or the repository's cards/ when running from a checkout."""
-    package = Path(__file__).resolve().parents[2]
-    installed = package / "_cards"
-    return installed if installed.is_dir() else package.parent / "cards"
+    """The policy folder shipped with the package, or the repository's policies/ when running from a checkout."""
+    return find_policy_dir(Path(__file__).resolve().parents[2])
+
+
+# Before this release the folder was called cards/ (_cards inside the wheel): still read, with a warning, for one
+# release, so a deployment that copied its edited policies into the old folder keeps its policies.
+_FOLDERS = ("_policies", "../policies")
+_LEGACY_FOLDERS = ("_cards", "../cards")
+
+
+def find_policy_dir(package: Path) -> Path:
+    """The first of the package's policy folders that exists (installed, then checkout), else the legacy cards/."""
+    for name in _FOLDERS:
+        if (package / name).is_dir():
+            return (package / name).resolve()
+    for name in _LEGACY_FOLDERS:
+        if (package / name).is_dir():
+            legacy = (package / name).resolve()
+            log.warning(
+                "reading policies from %s: the folder is now called policies/ (cards/ is read until the next release)",
+                legacy,
+            )
+            return legacy
+    return (package / _FOLDERS[-1]).resolve()
 
 
 def _compile(c: Compiler, spec: s.PolicyFile, digest: str) -> Policy:

@@ -424,7 +424,7 @@ class Rule(Strict):
 
 
 class PolicyFile(Strict):
-    """One policy file in cards/."""
+    """One policy file in policies/."""
 
     schema_: Annotated[str | None, Field(alias="$schema")] = None
     policy: PolicyMeta

@@ -82,7 +82,7 @@ class MissCounter:
 def possible_miss_examples(
     report: Report, systems: Mapping[str, Mapping[str, str]] | None = None
 ) -> list[dict[str, Any]]:
-    """The report's possible misses as labelled examples (cards/examples/*.json) with an empty label, for an analyst
+    """The report's possible misses as labelled examples (policies/examples/*.json) with an empty label, for an analyst
     to label and add to the policy's examples. The resource holds what the audit keeps: the order's name as its code
     text and the billing codes of its code (`systems`: per policy, the code system URI of each system name shown
     in evidence, e.g. {"CPT": "http://www.ama-assn.org/go/cpt"}); no patient, practitioner or encounter reference."""
