@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cds_service import create_app
 from cds_service.audit import CallRecord
+from cds_service.engine.outcome import CardRecord, SuggestionRecord, VerdictRecord
 from cds_service.runtime import services_of
 from tests.store_support import flagged_call
 
@@ -52,8 +53,12 @@ def main() -> None:
         hook_instance="00000000-0000-4000-8000-000000000000",
         user_id="Practitioner/prac-1",
         patient_id="pat-1",
-        orders=[{"order": "ServiceRequest/sr1", "verdict": "flagged", "evidenceFor": [{"kind": "technique"}]}],
-        cards=[{"uuid": "x", "suggestions": [{"uuid": "s", "label": "l", "actions": ["delete"]}]}],
+        orders=[VerdictRecord("ServiceRequest/sr1", "", "dsv", "1", True, "rule", "reason")],
+        cards=[
+            CardRecord(
+                "x", "guideline", "warning", "", "", "", None, "", (SuggestionRecord("s", "l", "remove", ("delete",)),)
+            )
+        ],
         duration_ms=3.0,
     )
     timings: list[float] = []

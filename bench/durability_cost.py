@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sqlalchemy import create_engine, event, text
 
 from cds_service.audit import CallRecord
+from cds_service.engine.outcome import CardRecord, VerdictRecord
 from cds_service.store.audit_writer import write_batch
 from cds_service.store.journal import Journal
 from cds_service.store.models import metadata
@@ -44,10 +45,20 @@ def record() -> CallRecord:
         hook_instance=str(uuid.uuid4()),
         user_id="Practitioner/prac-1",
         patient_id="Patient/pat-1",
-        orders=[
-            {"order": f"ServiceRequest/sr{i}", "verdict": "flagged" if i == 0 else "not-flagged"} for i in range(5)
+        orders=[VerdictRecord(f"ServiceRequest/sr{i}", "", "dsv", "1", i == 0, "rule", "reason") for i in range(5)],
+        cards=[
+            CardRecord(
+                str(uuid.uuid4()),
+                "guideline",
+                "warning",
+                "Dynamic spinal visualization is investigational",
+                "dsv",
+                "rule",
+                "ServiceRequest/sr0",
+                "",
+                (),
+            )
         ],
-        cards=[{"uuid": str(uuid.uuid4()), "summary": "Dynamic spinal visualization is investigational" * 4}],
         notes=["Coverage read from prefetch"],
         duration_ms=3.0,
     )

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Table, create_engine, select, text
 from sqlalchemy.engine import make_url
 
+from cds_service.engine.outcome import ActionRecord, CardRecord, VerdictRecord
 from cds_service.store import Store
 from cds_service.store.db import Database, database_url
 
@@ -215,3 +216,24 @@ def outage(backend: str, url: str) -> Iterator[tuple[str, Any, Any]]:
         yield through, proxy.stop, proxy.start
     finally:
         proxy.stop()
+
+
+def verdict_record(stored: dict[str, Any]) -> VerdictRecord:
+    """The typed record of a verdict's stored JSON (any version), as a replay reads it back."""
+    record = VerdictRecord.from_json(stored)
+    assert record is not None
+    return record
+
+
+def card_record(stored: dict[str, Any]) -> CardRecord:
+    """The typed record of a card's stored summary."""
+    record = CardRecord.from_json(stored)
+    assert record is not None
+    return record
+
+
+def action_record(stored: dict[str, Any]) -> ActionRecord:
+    """The typed record of a systemAction's stored summary."""
+    record = ActionRecord.from_json(stored)
+    assert record is not None
+    return record

@@ -21,7 +21,7 @@ from cds_service.store.models import audit_call, audit_card
 from cds_service.store.spill import decode, encode
 
 from .conftest import SIGN
-from .store_support import down_then_up, flagged_call, table_rows, temp_database, wait_for
+from .store_support import card_record, down_then_up, flagged_call, table_rows, temp_database, wait_for
 
 
 def journals(folder: Path) -> list[Path]:
@@ -49,7 +49,9 @@ def store_on(url: str, folder: Path, durability: str = "sync") -> Store:
 
 
 def record(n: int) -> CallRecord:
-    return CallRecord(service_id=SIGN, hook="order-sign", hook_instance=f"hook-{n:05d}", cards=[{"uuid": f"c-{n}"}])
+    return CallRecord(
+        service_id=SIGN, hook="order-sign", hook_instance=f"hook-{n:05d}", cards=[card_record({"uuid": f"c-{n}"})]
+    )
 
 
 def test_an_answered_call_is_in_the_journal_before_the_answer_even_with_the_database_down(

@@ -4,6 +4,7 @@ line, fsynced, one file per process) and written back exactly once, on SQLite an
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import shutil
 import stat
@@ -17,6 +18,7 @@ from flask import Flask
 from cds_service import cli, create_app
 from cds_service.audit import CallRecord
 from cds_service.config import Settings
+from cds_service.engine.outcome import ActionRecord, CardRecord, VerdictRecord
 from cds_service.runtime import services_of
 from cds_service.store import Store, open_store
 from cds_service.store import spill as spill_module
@@ -24,7 +26,40 @@ from cds_service.store.models import audit_call, audit_card
 from cds_service.store.spill import decode, encode, spill
 
 from .conftest import SIGN
-from .store_support import down_then_up, flagged_call, table_rows, temp_database, wait_for
+from .store_support import (
+    action_record,
+    card_record,
+    down_then_up,
+    flagged_call,
+    table_rows,
+    temp_database,
+    verdict_record,
+    wait_for,
+)
+
+# A spill (and journal) line exactly as the build before the typed record wrote it (its spill.encode of a record
+# holding the engine's JSON summaries); \u escapes keep the file ASCII, json.loads reads them.
+PREVIOUS_LINE = json.dumps(
+    json.loads(
+        '{"format":"cds-audit-spill/1","callId":"call-1","record":{"service_id":"dsv-order-sign","started_at"'
+        ':"2026-12-05T09:08:07.654321+02:00","hook":"order-sign","hook_instance":"h-1","iss":"https://ehr.exa'
+        'mple.org","tenant":"t","jti":"j","user_id":"Practitioner/p1","patient_id":"Patient/p1","orders":[{"v'
+        '":2,"order":"ServiceRequest/sr1","orderName":"Cine MRI lumbar spine \\u00e9 \\ud83d\\ude00","policy":"d'
+        'sv-investigational","policyVersion":"2026.11.0","verdict":"flagged","rule":"technique-on-spine","rea'
+        'son":"names the technique on the spine","deciding":[{"kind":"technique","label":"DSV","place":"code"'
+        '}],"evidenceFor":[{"kind":"anatomy","label":"lumbar spine","place":"text","group":"g1","assertion":"'
+        'requested"}],"evidenceAgainst":[],"region":"lumbar","review":true}],"cards":[{"uuid":"card-uuid-1","'
+        'kind":"guideline","indicator":"warning","topic":"guideline","policy":"dsv-investigational","rule":"t'
+        'echnique-on-spine","orders":["ServiceRequest/sr1"],"orderName":"Cine MRI lumbar spine","suggestions"'
+        ':[{"uuid":"s-1","label":"Remove the order","kind":"remove","actions":["delete"]},{"uuid":"s-2","labe'
+        'l":"Replace","kind":"replace","actions":["delete","create"]}]},{"uuid":"card-uuid-2","kind":"instruc'
+        'tions","indicator":"info","topic":"t","policy":"dsv-investigational","rule":"r","orders":[],"orderNa'
+        'me":"","suggestions":[]}],"system_actions":[{"type":"update","resource":"ServiceRequest/sr1"}],"cove'
+        'rage_assertions":["ca-1"],"notes":["n"],"status":200,"error":null,"duration_ms":12.345678901234567}}'
+    ),
+    ensure_ascii=False,
+    separators=(",", ":"),
+).encode()
 
 
 def spill_files(folder: Path) -> list[Path]:
@@ -94,9 +129,9 @@ def tricky_record() -> CallRecord:
         jti="jti-\u00e9-1",
         user_id="Practitioner/p\x00-1",  # a NUL: PostgreSQL refuses it, so it is cleaned on the way in
         patient_id="Patient/\U0001f600",
-        orders=[{"order": "ServiceRequest/sr1", "verdict": "flagged", "score": 0.1 + 0.2, "n": 2**53 + 1}],
-        cards=[{"uuid": "card-uuid-1", "orders": ["ServiceRequest/sr1"], "nested": {"a": [None, True, 1e-7]}}],
-        system_actions=[{"type": "update", "resource": "ServiceRequest/sr1"}],
+        orders=[verdict_record(json.loads(PREVIOUS_LINE)["record"]["orders"][0])],
+        cards=[card_record(json.loads(PREVIOUS_LINE)["record"]["cards"][0])],
+        system_actions=[action_record({"type": "update", "resource": "ServiceRequest/sr1"})],
         coverage_assertions=["ca-1"],
         notes=["Coverage unknown: reading it from the FHIR server failed (no complete answer within 3 s)"],
         status=200,
@@ -124,8 +159,37 @@ def test_a_spilled_record_is_stored_exactly_as_one_written_directly(backend: str
         replayed.close()
         [spilled_row] = table_rows(spilled_url, audit_call)
         assert spilled_row._asdict() | {"id": 0} == direct_row._asdict() | {"id": 0}
-        assert spilled_row.started_at == record.started_at and spilled_row.orders == record.orders
+        assert spilled_row.started_at == record.started_at and spilled_row.orders == record.json_parts()["orders"]
         assert table_rows(spilled_url, audit_card) == table_rows(direct_url, audit_card)
+
+
+def test_a_line_the_previous_build_wrote_replays_into_typed_parts_and_is_stored_as_it_was(
+    backend: str, tmp_path: Path
+) -> None:
+    call_id, record = decode(PREVIOUS_LINE + b"\n")
+    assert [type(o) for o in record.orders] == [VerdictRecord]
+    assert [type(c) for c in record.cards] == [CardRecord, CardRecord]
+    assert [type(a) for a in record.system_actions] == [ActionRecord]
+    assert record.orders[0].flagged and record.orders[0].review and record.orders[0].region == "lumbar"
+    assert record.cards[0].order == "ServiceRequest/sr1" and record.cards[1].order is None
+    assert record.cards[0].suggestions[1].actions == ("delete", "create")
+    # Written again (journal, spill), the line is byte for byte the one the previous build wrote.
+    assert encode(call_id, record) == PREVIOUS_LINE + b"\n"
+    folder = tmp_path / "spill"
+    folder.mkdir()
+    (folder / "audit-spill-previous-1-1.jsonl").write_bytes(PREVIOUS_LINE + b"\n")
+    with temp_database(backend, tmp_path) as url:
+        store = store_on(url, folder)
+        assert store.replay_spill().inserted == 1
+        store.close()
+        [row] = table_rows(url, audit_call)
+        stored = json.loads(PREVIOUS_LINE)["record"]
+        assert (row.orders, row.cards, row.system_actions) == (
+            stored["orders"],
+            stored["cards"],
+            stored["system_actions"],
+        )
+        assert sorted(r.card_uuid for r in table_rows(url, audit_card)) == ["card-uuid-1", "card-uuid-2"]
 
 
 def test_lines_that_are_not_whole_records_are_kept_aside(tmp_path: Path, db_url: str) -> None:

@@ -26,7 +26,7 @@ from cds_service.store.report import build_report, render_csv, render_text
 from .builders import CPT, hook_request, service_request
 from .conftest import ROOT
 from .process_support import cds_service_command
-from .store_support import store_for
+from .store_support import store_for, verdict_record
 
 SYNTHETIC = ROOT / "tests" / "policies" / "engine-test"
 SIGN, SELECT = "test-order-sign", "test-order-select"
@@ -186,7 +186,7 @@ def test_records_written_before_the_mark_was_kept_count_by_the_policys_marks(db_
         "evidenceFor": [],
         "evidenceAgainst": [],
     }
-    store.writer.record(CallRecord(service_id=SIGN, hook="order-sign", orders=[stored]))
+    store.writer.record(CallRecord(service_id=SIGN, hook="order-sign", orders=[verdict_record(stored)]))
     assert store.writer.flush(20)
     assert build_report(store.db).to_json()["possibleMisses"]["total"] == 0
     [policy] = load_policies(SYNTHETIC).policies

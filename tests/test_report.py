@@ -15,13 +15,14 @@ import pytest
 from cds_service import create_app
 from cds_service.audit import CallRecord, Identity
 from cds_service.cli import main
+from cds_service.engine.outcome import CardRecord, VerdictRecord
 from cds_service.runtime import services_of
 from cds_service.store import Store
 from cds_service.store.report import Report, build_report, percentile, render_text
 from cds_service.web.feedback import parse_feedback
 
 from .conftest import SIGN
-from .store_support import flagged_call, plain_call, store_for
+from .store_support import card_record, flagged_call, plain_call, store_for, verdict_record
 
 SELECT = "dsv-order-select"
 POLICY = "dynamic-spinal-visualization"
@@ -34,7 +35,7 @@ DAY = NOW - timedelta(days=1)
 SINCE = NOW - timedelta(days=30)
 
 
-def order(flagged: bool, kinds: tuple[str, ...] = (), rule: str | None = None) -> dict[str, Any]:
+def order(flagged: bool, kinds: tuple[str, ...] = (), rule: str | None = None) -> VerdictRecord:
     """A verdict record: version 2 (with the deciding rule) when `rule` is given, else as version 1 wrote it."""
     record: dict[str, Any] = {
         "order": "ServiceRequest/sr1",
@@ -48,24 +49,26 @@ def order(flagged: bool, kinds: tuple[str, ...] = (), rule: str | None = None) -
     }
     if rule is not None:
         record |= {"v": 2, "rule": rule, "deciding": [{"kind": k, "label": k, "place": "code"} for k in kinds]}
-    return record
+    return verdict_record(record)
 
 
-def card(n: int, region: str) -> dict[str, Any]:
-    return {
-        "uuid": f"card-{n}",
-        "indicator": "warning",
-        "topic": "guideline",
-        "orders": ["ServiceRequest/sr1"],
-        "suggestions": [
-            {"uuid": f"remove-{n}", "label": REMOVE, "actions": ["delete"]},
-            {
-                "uuid": f"switch-{n}",
-                "label": CERVICAL if region == "cervical" else LUMBAR,
-                "actions": ["delete", "create"],
-            },
-        ],
-    }
+def card(n: int, region: str) -> CardRecord:
+    return card_record(
+        {
+            "uuid": f"card-{n}",
+            "indicator": "warning",
+            "topic": "guideline",
+            "orders": ["ServiceRequest/sr1"],
+            "suggestions": [
+                {"uuid": f"remove-{n}", "label": REMOVE, "actions": ["delete"]},
+                {
+                    "uuid": f"switch-{n}",
+                    "label": CERVICAL if region == "cervical" else LUMBAR,
+                    "actions": ["delete", "create"],
+                },
+            ],
+        }
+    )
 
 
 def known_calls(store: Store) -> None:

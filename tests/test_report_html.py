@@ -16,6 +16,7 @@ import pytest
 
 from cds_service.audit import CallRecord, Identity
 from cds_service.cli import main
+from cds_service.engine.outcome import CardRecord, VerdictRecord
 from cds_service.store import Store
 from cds_service.store.report import build_report
 from cds_service.web.feedback import parse_feedback
@@ -23,7 +24,7 @@ from cds_service.web.feedback import parse_feedback
 from .chromium_support import chromium, open_offline
 from .conftest import SIGN
 from .process_support import cds_service_command
-from .store_support import store_for
+from .store_support import card_record, store_for, verdict_record
 from .test_report import DAY, NOW, POLICY, REASONS, SINCE, at, known_calls, known_feedback
 
 # A fixed period of four weeks (Monday 2026-10-05 to Monday 2026-11-02), the policy changing in the third.
@@ -92,42 +93,46 @@ def test_weekly_versions_and_false_alarms_of_the_known_log(db_url: str) -> None:
     ]
 
 
-def verdict(version: str, flagged: bool, name: str, rule: str) -> dict[str, Any]:
-    return {
-        "v": 2,
-        "order": "ServiceRequest/sr1",
-        "orderName": name,
-        "policy": POLICY,
-        "policyVersion": version,
-        "verdict": "flagged" if flagged else "not-flagged",
-        "rule": rule,
-        "reason": "test",
-        "deciding": [],
-        "evidenceFor": [],
-        "evidenceAgainst": [],
-    }
+def verdict(version: str, flagged: bool, name: str, rule: str) -> VerdictRecord:
+    return verdict_record(
+        {
+            "v": 2,
+            "order": "ServiceRequest/sr1",
+            "orderName": name,
+            "policy": POLICY,
+            "policyVersion": version,
+            "verdict": "flagged" if flagged else "not-flagged",
+            "rule": rule,
+            "reason": "test",
+            "deciding": [],
+            "evidenceFor": [],
+            "evidenceAgainst": [],
+        }
+    )
 
 
-def shown_card(uuid: str, name: str, rule: str) -> dict[str, Any]:
-    return {
-        "uuid": uuid,
-        "kind": "guideline",
-        "indicator": "warning",
-        "topic": "guideline",
-        "policy": POLICY,
-        "rule": rule,
-        "orders": ["ServiceRequest/sr1"],
-        "orderName": name,
-        "suggestions": [
-            {"uuid": f"{uuid}-remove", "label": "Remove the order", "kind": "remove", "actions": ["delete"]},
-            {
-                "uuid": f"{uuid}-switch",
-                "label": "Replace with flexion/extension radiographs of the lumbar spine",
-                "kind": "replace",
-                "actions": ["delete", "create"],
-            },
-        ],
-    }
+def shown_card(uuid: str, name: str, rule: str) -> CardRecord:
+    return card_record(
+        {
+            "uuid": uuid,
+            "kind": "guideline",
+            "indicator": "warning",
+            "topic": "guideline",
+            "policy": POLICY,
+            "rule": rule,
+            "orders": ["ServiceRequest/sr1"],
+            "orderName": name,
+            "suggestions": [
+                {"uuid": f"{uuid}-remove", "label": "Remove the order", "kind": "remove", "actions": ["delete"]},
+                {
+                    "uuid": f"{uuid}-switch",
+                    "label": "Replace with flexion/extension radiographs of the lumbar spine",
+                    "kind": "replace",
+                    "actions": ["delete", "create"],
+                },
+            ],
+        }
+    )
 
 
 NAMES = ("DMX cervical spine", "Videofluoroscopy lumbar spine <b>motion</b>", "Kinematic MRI C-spine")

@@ -23,7 +23,7 @@ from cds_service.store.maintenance import parse_age
 from cds_service.store.schema import VERSION_TABLE, head_revision
 
 from .jwt_support import EHR, PUBLIC_URL, SIGN_URL, bearer, claims, ec_key, issuers_file, jwks, token
-from .store_support import flagged_call, rows, store_for, unreachable_url
+from .store_support import card_record, flagged_call, rows, store_for, unreachable_url
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,7 +164,10 @@ def test_audit_purge(db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytes
         card = {"uuid": f"card-{name}", "suggestions": []}
         store.writer.record(
             CallRecord(
-                service_id="dsv-order-sign", hook_instance=name, started_at=now - timedelta(days=age_days), cards=[card]
+                service_id="dsv-order-sign",
+                hook_instance=name,
+                started_at=now - timedelta(days=age_days),
+                cards=[card_record(card)],
             )
         )
     assert store.writer.flush(10)

@@ -37,21 +37,19 @@ class CardOutcome:
     suggestions: tuple[SuggestionOutcome, ...]
     json: dict[str, Any]
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> CardRecord:
         """What the audit log keeps of a card: ids and kinds, not its text."""
-        return {
-            "uuid": self.uuid,
-            "kind": self.kind,
-            "indicator": self.indicator,
-            "topic": self.topic,
-            "policy": self.policy,
-            "rule": self.rule,
-            "orders": [self.order] if self.order else [],
-            "orderName": self.order_name,
-            "suggestions": [
-                {"uuid": s.uuid, "label": s.label, "kind": s.kind, "actions": list(s.actions)} for s in self.suggestions
-            ],
-        }
+        return CardRecord(
+            uuid=self.uuid,
+            kind=self.kind,
+            indicator=self.indicator,
+            topic=self.topic,
+            policy=self.policy,
+            rule=self.rule,
+            order=self.order or None,
+            order_name=self.order_name,
+            suggestions=tuple(SuggestionRecord(s.uuid, s.label, s.kind, s.actions) for s in self.suggestions),
+        )
 
 
 @dataclass(frozen=True)
@@ -63,8 +61,105 @@ class ActionOutcome:
     assertion_id: str | None
     json: dict[str, Any]
 
-    def summary(self) -> dict[str, Any]:
-        return {"type": self.type, "resource": self.order}
+    def summary(self) -> ActionRecord:
+        return ActionRecord(type=self.type, resource=self.order)
+
+
+def _text(data: dict[str, Any], key: str) -> str:
+    value = data.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _text_or_none(data: dict[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class SuggestionRecord:
+    """A card's suggestion as the audit log keeps it."""
+
+    uuid: str
+    label: str
+    kind: str
+    actions: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"uuid": self.uuid, "label": self.label, "kind": self.kind, "actions": list(self.actions)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SuggestionRecord:
+        raw = data.get("actions")
+        actions = tuple(a for a in raw if isinstance(a, str)) if isinstance(raw, list) else ()
+        return cls(_text(data, "uuid"), _text(data, "label"), _text(data, "kind"), actions)
+
+
+@dataclass(frozen=True)
+class CardRecord:
+    """A card as the audit log keeps it: ids and kinds, not its text (JSON: CardOutcome's stored summary)."""
+
+    uuid: str
+    kind: str
+    indicator: str
+    topic: str
+    policy: str
+    rule: str
+    order: str | None
+    order_name: str
+    suggestions: tuple[SuggestionRecord, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "uuid": self.uuid,
+            "kind": self.kind,
+            "indicator": self.indicator,
+            "topic": self.topic,
+            "policy": self.policy,
+            "rule": self.rule,
+            "orders": [self.order] if self.order else [],
+            "orderName": self.order_name,
+            "suggestions": [s.to_json() for s in self.suggestions],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> CardRecord | None:
+        """A stored card summary; None for something that is not one."""
+        if not isinstance(data, dict):
+            return None
+        orders = data.get("orders")
+        order = orders[0] if isinstance(orders, list) and orders and isinstance(orders[0], str) else None
+        raw = data.get("suggestions")
+        suggestions = (
+            tuple(SuggestionRecord.from_json(s) for s in raw if isinstance(s, dict)) if isinstance(raw, list) else ()
+        )
+        return cls(
+            uuid=_text(data, "uuid"),
+            kind=_text(data, "kind"),
+            indicator=_text(data, "indicator"),
+            topic=_text(data, "topic"),
+            policy=_text(data, "policy"),
+            rule=_text(data, "rule"),
+            order=order,
+            order_name=_text(data, "orderName"),
+            suggestions=suggestions,
+        )
+
+
+@dataclass(frozen=True)
+class ActionRecord:
+    """A systemAction as the audit log keeps it: its type and the order it updates."""
+
+    type: str
+    resource: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "resource": self.resource}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ActionRecord | None:
+        if not isinstance(data, dict):
+            return None
+        return cls(type=_text(data, "type"), resource=_text_or_none(data, "resource"))
 
 
 @dataclass(frozen=True)
@@ -203,5 +298,5 @@ class Outcome:
     def coverage_assertions(self) -> list[str]:
         return [a.assertion_id for a in self.system_actions if a.assertion_id]
 
-    def verdict_records(self) -> list[dict[str, Any]]:
-        return [VerdictRecord.of(v).to_json() for v in self.verdicts]
+    def verdict_records(self) -> list[VerdictRecord]:
+        return [VerdictRecord.of(v) for v in self.verdicts]

@@ -200,15 +200,13 @@ class Metrics:
         self._child(self.calls, call.service_id, hook, str(call.status)).inc()
         self._child(self.call_duration, call.service_id, hook).observe(call.duration_ms / 1000.0)
         # One increment per distinct (policy, verdict, rule) of the call, not one per order.
-        judged = Tally(
-            (str(o.get("policy") or ""), str(o.get("verdict") or ""), str(o.get("rule") or "")) for o in call.orders
-        )
+        judged = Tally((o.policy, "flagged" if o.flagged else "not-flagged", o.rule) for o in call.orders)
         for labels, count in judged.items():
             self._child(self.orders, *labels).inc(count)
         if call.cards:
             self.cards.inc(len(call.cards))
         for action in call.system_actions:
-            self.system_actions.labels(str(action.get("type") or "")).inc()
+            self.system_actions.labels(action.type).inc()
 
     # -- policies ---------------------------------------------------------------------------------------------------
     def show_policies(self, policies: Iterable[Policy], loaded_at: float, took: float) -> None:

@@ -219,7 +219,7 @@ class _CallSpan:
                 span.set_attribute("cds.hook_instance", record.hook_instance)
             span.set_attribute("http.response.status_code", record.status)
             span.set_attribute("cds.orders.judged", len(record.orders))
-            span.set_attribute("cds.orders.flagged", sum(1 for o in record.orders if o.get("verdict") == "flagged"))
+            span.set_attribute("cds.orders.flagged", sum(1 for o in record.orders if o.flagged))
             span.set_attribute("cds.cards", len(record.cards))
             if record.status >= 500:
                 span.set_status(Status(StatusCode.ERROR))

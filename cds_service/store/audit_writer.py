@@ -76,9 +76,7 @@ def call_rows(call_id: str, call: CallRecord) -> tuple[dict[str, Any], list[dict
         "status": call.status,
         "error": call.error,
         "duration_ms": float(call.duration_ms),
-        "orders": call.orders,
-        "cards": call.cards,
-        "system_actions": call.system_actions,
+        **call.json_parts(),
         "coverage_assertions": call.coverage_assertions,
         "notes": call.notes,
     }
@@ -87,13 +85,13 @@ def call_rows(call_id: str, call: CallRecord) -> tuple[dict[str, Any], list[dict
             row[name] = clean(value, _CALL_LIMITS[name])
     cards = [
         {
-            "card_uuid": clean(card["uuid"], _CARD_UUID_LIMIT),
+            "card_uuid": clean(card.uuid, _CARD_UUID_LIMIT),
             "call_id": call_id,
             "service_id": row["service_id"],
             "started_at": call.started_at,
         }
         for card in call.cards
-        if isinstance(card.get("uuid"), str) and card["uuid"]
+        if card.uuid
     ]
     return row, cards
 

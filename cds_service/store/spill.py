@@ -36,7 +36,7 @@ Writer = Callable[[Connection, Entries], None]
 
 def encode(call_id: str, record: CallRecord) -> bytes:
     """One line: the record exactly as queued (times with their offset and microseconds, JSON as JSON), its id."""
-    fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(CallRecord)}
+    fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(CallRecord)} | record.json_parts()
     # OPT_NON_STR_KEYS as the database's JSON columns do, so a replayed record equals one written directly.
     return orjson.dumps({"format": FORMAT, "callId": call_id, "record": fields}, option=orjson.OPT_NON_STR_KEYS) + b"\n"
 
@@ -52,7 +52,7 @@ def decode(line: bytes) -> tuple[str, CallRecord]:
     started_at = datetime.fromisoformat(fields["started_at"])
     if started_at.tzinfo is None:
         raise ValueError("started_at has no offset")
-    return item["callId"], CallRecord(**(fields | {"started_at": started_at}))
+    return item["callId"], CallRecord(**(CallRecord.parts_from_json(fields) | {"started_at": started_at}))
 
 
 def spill(folder: Path, entries: Entries) -> tuple[Path | None, int]:
