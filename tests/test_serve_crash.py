@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import http.client
 import json
 import os
 import signal
@@ -69,7 +70,8 @@ class Load:
                     answer = json.loads(response.read())
                     if response.status == 200 and len(answer["cards"]) == 1:
                         self.answered.append(body["hookInstance"])
-            except (OSError, ValueError):  # the worker that had the connection was killed: no answer
+            # The worker that had the connection was killed: no answer, or one cut off mid-body (IncompleteRead).
+            except (OSError, ValueError, http.client.HTTPException):
                 self.failed += 1
                 time.sleep(0.01)
 
