@@ -31,7 +31,8 @@ class DraftOrder:
     readable: dict[str, Any]
 
 
-@dataclass
+# eq=False: a request is itself, compared and hashed by identity (the FHIR adapter keys its per-call reads on it).
+@dataclass(eq=False)
 class HookRequest:
     """The parts of a CDS Hooks 2.0 request this service reads."""
 
@@ -44,8 +45,6 @@ class HookRequest:
     fhir_authorization: dict[str, Any] | None = None
     prefetch: dict[str, Any] | None = None
     extension: dict[str, Any] = field(default_factory=dict)
-    # What this call already read from the FHIR server, by prefetch key, so nothing is read twice.
-    fetched: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     # The orders to judge, checked when the request was parsed (a field of the wrong type is a 400 then).
     orders: list[DraftOrder] = field(default_factory=list)
     # order-dispatch and appointment-book: the orders the hook names by reference (engine/referenced.py).

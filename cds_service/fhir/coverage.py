@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from datetime import date
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -93,6 +94,10 @@ class CoverageFinder:
     def __init__(self, reader: FhirReader, cache: CoverageCache | None = None) -> None:
         self.reader = reader
         self.cache = cache
+        self._fetched_lock = threading.Lock()
+        self._fetched_by_call: weakref.WeakKeyDictionary[HookRequest, dict[str, list[dict[str, Any]]]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def _cache_key(self, request: HookRequest) -> tuple[str, str] | None:
         if not request.fhir_server or not request.patient_id:
@@ -222,18 +227,28 @@ class CoverageFinder:
         }
         return found, ""
 
+    def _fetched(self, request: HookRequest) -> dict[str, list[dict[str, Any]]]:
+        """What this call already read from the FHIR server, by prefetch key, so nothing is read twice: kept here,
+        not in the engine's request, and gone with the request (weak keys)."""
+        with self._fetched_lock:
+            found = self._fetched_by_call.get(request)
+            if found is None:
+                found = self._fetched_by_call[request] = {}
+            return found
+
     def _read(self, request: HookRequest, name: str, query: str) -> list[dict[str, Any]]:
-        if name not in request.fetched:
+        fetched = self._fetched(request)
+        if name not in fetched:
             started = time.perf_counter()
             try:
-                request.fetched[name] = self.reader.read(request.fhir_server or "", query, request.access_token)
+                fetched[name] = self.reader.read(request.fhir_server or "", query, request.access_token)
             except FetchError as exc:
                 # "skipped": no read was attempted (an open circuit breaker, no free read slot, reads off).
                 outcome = "skipped" if getattr(exc, "skipped", False) else "error"
                 metrics.fhir_read(outcome, time.perf_counter() - started)
                 raise
             metrics.fhir_read("ok", time.perf_counter() - started)
-        return request.fetched[name]
+        return fetched[name]
 
     def require(self, request: HookRequest, keys: dict[str, PrefetchKey]) -> None:
         """412 when a key the policies declare required can be neither prefetched nor read (CDS Hooks 2.0)."""
