@@ -145,34 +145,17 @@ class Harness:
 
 def install_timers(h: Harness) -> Timers:
     """Wrap the functions a call goes through; inclusive times, indented by nesting."""
-    import flask
     import jwt
 
     from cds_service import calls
-    from cds_service.engine import cards, context, crd, decision, hook, outcome, prefilter, terms
+    from cds_service.engine import cards, decision, hook, outcome
     from cds_service.runtime import services_of
-    from cds_service.web import views as api
+    from cds_service.web import hook_route as api
 
     rt = services_of(h.app).runtime
     t = Timers()
-    t.wrap(flask.Flask, "wsgi_app", "whole WSGI call (Flask + view)", 0)
-    view = h.app.view_functions
-    key = next((k for k in view if k.endswith("call_service")), None)
-    if key:
-        # Flask keeps the view in a dict: replace the entry rather than the module attribute.
-        original_view = view[key]
-        stage = t.stages.setdefault("view call_service", Stage("view call_service", 1))
-
-        def timed_view(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return original_view(*args, **kwargs)
-            finally:
-                stage.seconds += time.perf_counter() - started
-                stage.calls += 1
-
-        view[key] = timed_view
-        t.restore.append(lambda: view.__setitem__(key, original_view))
+    t.wrap(api.HookRoute, "__call__", "whole WSGI call (hook route)", 0)
+    t.wrap(api, "hook_call", "hook call (no HTTP framing)", 1)
     t.wrap(api, "authenticate", "JWT: authenticate", 2)
     t.wrap(jwt, "decode", "PyJWT decode (incl. the signature check)", 3)
     if rt.authenticator is not None:
@@ -181,21 +164,17 @@ def install_timers(h: Harness) -> Timers:
     t.wrap(api, "parse_hook_request", "parse_hook_request", 2)
     t.wrap(api, "answer", "answer (engine + coverage adapter)", 2)
     t.wrap(calls, "assess", "engine: assess (judge every order)", 3)
-    t.wrap(hook, "judge_resource", "engine: judge one order", 4)
+    t.wrap(hook, "read_order", "read the order once (order model)", 4)
+    t.wrap(hook, "judge", "engine: judge one order", 4)
     t.wrap(decision, "might_flag", "first pass (prefilter)", 5)
-    t.wrap(decision, "read_order", "read the order's places", 5)
     t.wrap(decision, "collect", "evidence (terms, context, typos)", 5)
-    t.wrap(terms.TermIndex, "find", "term search (TermIndex.find)", 6)
-    t.wrap(context, "scopes", "ConText scopes", 6)
     t.wrap(calls, "respond", "engine: respond (cards, CRD actions)", 3)
-    t.wrap(cards, "build_card", "card building", 4)
+    t.wrap(cards.CardMaker, "alternative_card", "card building", 4)
     t.wrap(cards, "alternative_order", "replacement order", 5)
     t.wrap(rt.coverage, "resolve", "coverage lookup (prefetch)", 3)
-    t.wrap(crd, "coverage_action", "CRD coverage systemAction", 4)
+    t.wrap(hook, "_coverage_actions", "CRD coverage systemAction", 4)
     t.wrap(outcome.Outcome, "verdict_records", "audit: verdict records", 2)
-    t.wrap(api, "json_response", "JSON encode + Response", 2)
     t.wrap(rt.audit, "record", "audit: record (queue for the writer)", 2)
-    _ = prefilter
     t.wrap(logging.Logger, "_log", "logging (records emitted)", 2)
     return t
 
@@ -268,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 timed = measure(h, body, calls)
             finally:
                 timers.undo()
-            whole = timers.stages["whole WSGI call (Flask + view)"].seconds / calls
+            whole = timers.stages["whole WSGI call (hook route)"].seconds / calls
             heading = "stage (inclusive, ms per call; nested stages are part of their parent)"
             print(f"{heading:76s} {'ms':>7s} {'%':>5s}")
             for stage in timers.stages.values():

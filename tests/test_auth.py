@@ -294,7 +294,7 @@ def test_refused_tokens_get_a_bare_401_and_a_log_line_with_the_reason(
     assert response.headers["WWW-Authenticate"] == 'Bearer realm="cds-services"'
     assert response.mimetype == "application/json"
     lines = [
-        r.getMessage() for r in caplog.records if r.name == "cds_service.web.views" and r.levelno == logging.WARNING
+        r.getMessage() for r in caplog.records if r.name == "cds_service.web.hook_route" and r.levelno == logging.WARNING
     ]
     assert len(lines) == 1, caplog.text
     line = lines[0]
@@ -342,7 +342,7 @@ def test_missing_or_odd_authorization_header_is_refused(
         response = client.post(SELECT, json=select_body(), headers=headers)
     assert response.status_code == 401
     assert response.json == UNAUTHORIZED
-    assert "\n" not in "".join(r.getMessage() for r in caplog.records if r.name == "cds_service.web.views")
+    assert "\n" not in "".join(r.getMessage() for r in caplog.records if r.name == "cds_service.web.hook_route")
 
 
 def test_bearer_scheme_is_case_insensitive(client: FlaskClient, es: Key) -> None:
@@ -354,7 +354,7 @@ def test_untrusted_values_are_logged_printable_and_short(client: FlaskClient, ca
     evil = ec_key("ES384", kid="kid\nFAKE LOG LINE" + "k" * 500)
     with caplog.at_level(logging.WARNING):
         assert call(client, token(evil, claims(iss="https://x\r\nFAKE", jti="j\x1b[31m"))).status_code == 401
-    line = next(r.getMessage() for r in caplog.records if r.name == "cds_service.web.views")
+    line = next(r.getMessage() for r in caplog.records if r.name == "cds_service.web.hook_route")
     assert "\n" not in line and "\r" not in line and "\x1b" not in line
     assert len(line) < 600
 

@@ -19,12 +19,11 @@ from ..ops.operate import observed
 from ..runtime import Services, attach, build_runtime
 from ..store import open_store
 from .feedback_views import bp as feedback_bp
+from .hook_route import HookRoute
+from .http import Cors, security_headers, too_large
 from .views import bp, json_response
 
 log = logging.getLogger(__name__)
-
-# Paths whose answers hold patient-specific guidance: never cached (service calls and feedback).
-_NO_STORE_PREFIX = "/cds-services/"
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -50,40 +49,22 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(feedback_bp)
     # /metrics, JSON log context, live policy reload and the /health fields they add (operate.py).
     install_operations(app, parts, started)
-    _install_cors(app, settings.cors_origins)
+    _install_cors(app, Cors(settings.cors_origins))
     _install_errors(app)
     app.after_request(_security_headers)
+    # The hook calls skip Flask (its request, routing and response objects): the hot path of every order entry.
+    app.wsgi_app = HookRoute(parts, app.wsgi_app)  # type: ignore[method-assign]
     return app
 
 
 def _security_headers(response: Response) -> Response:
-    """Headers a security review expects on a JSON API: no sniffing, no framing, no caching of patient guidance."""
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    # JSON is never a document to render: nothing may load from it or frame it if a browser opens it anyway.
-    response.headers["Content-Security-Policy"] = "default-src 'none'; frame-ancestors 'none'"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    if request.path.startswith(_NO_STORE_PREFIX) or response.status_code >= 400:
-        response.headers["Cache-Control"] = "no-store"
+    for name, value in security_headers(request.path, response.status_code):
+        response.headers[name] = value
     return response
 
 
-def _install_cors(app: Flask, origins: tuple[str, ...]) -> None:
-    """CORS for browser clients (the CDS Hooks sandbox): listed origins only, errors included, no credentials.
-
-    CDS Hooks authenticates with a bearer JWT, not cookies, so Allow-Credentials is never sent; that is what makes
-    a configured "*" safe. Preflights are answered before authentication: browsers send them without the JWT.
-    """
-    allowed = {o.lower() for o in origins}
-    any_origin = "*" in allowed
-
-    def allowed_origin() -> str | None:
-        origin = request.headers.get("Origin")
-        if not origin:
-            return None
-        if any_origin:
-            return "*"
-        # Echo the origin exactly as the browser sent it; compare as browsers serialise it (lower case).
-        return origin if origin.lower() in allowed else None
+def _install_cors(app: Flask, cors: Cors) -> None:
+    """CORS on the Flask routes (web/http.py's rules); preflights are answered here, before authentication."""
 
     @app.before_request
     def preflight() -> Response | None:
@@ -91,8 +72,7 @@ def _install_cors(app: Flask, origins: tuple[str, ...]) -> None:
             return None
         response = Response(status=204)
         response.headers.pop("Content-Type", None)
-        origin = allowed_origin()
-        if origin:
+        if cors.allowed_origin(request.headers.get("Origin")):
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
             response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
             response.headers["Access-Control-Max-Age"] = "600"
@@ -100,12 +80,11 @@ def _install_cors(app: Flask, origins: tuple[str, ...]) -> None:
 
     @app.after_request
     def cors_headers(response: Response) -> Response:
-        if allowed and not any_origin:
-            # The answer differs by Origin: a shared cache must not hand one origin's answer to another.
-            response.vary.add("Origin")
-        origin = allowed_origin()
-        if origin:
-            response.headers["Access-Control-Allow-Origin"] = origin
+        for name, value in cors.headers(request.headers.get("Origin")):
+            if name == "Vary":
+                response.vary.add(value)
+            else:
+                response.headers[name] = value
         return response
 
 
@@ -123,7 +102,7 @@ def _install_errors(app: Flask) -> None:
         messages = {
             404: "Not found: see GET /cds-services for the services.",
             405: f"Method {request.method} is not allowed here.",
-            413: "The request body is too large (limit 5 MB).",
+            413: too_large(request.max_content_length or 0),
         }
         message = messages.get(status, exc.description or exc.name)
         response = json_response(operation_outcome(message, code=issue_type(status)), status)
