@@ -294,7 +294,9 @@ def test_refused_tokens_get_a_bare_401_and_a_log_line_with_the_reason(
     assert response.headers["WWW-Authenticate"] == 'Bearer realm="cds-services"'
     assert response.mimetype == "application/json"
     lines = [
-        r.getMessage() for r in caplog.records if r.name == "cds_service.web.hook_route" and r.levelno == logging.WARNING
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "cds_service.web.hook_route" and r.levelno == logging.WARNING
     ]
     assert len(lines) == 1, caplog.text
     line = lines[0]
