@@ -7,7 +7,7 @@ import re
 import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -60,12 +60,15 @@ BILLING_OPTIONS = "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/ext-bi
 _TEXT_CODE = re.compile(r"(?<![\w./-])(?:CPT[\s\u00ae#:-]*)?(\d{5})(?![\w./-])", re.IGNORECASE)
 # A word of folded, lower-case text (the first pass and the evidence step read words alike).
 WORD = re.compile(r"[a-z0-9]+")
+# WORD as a byte table for ASCII text: letters lower-cased, digits kept, every other byte a space.
+_WORD_BYTES = bytes(
+    c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or 48 <= c <= 57 else 32 for c in range(256)
+)
 # JSON escapes for control characters would glue a letter to the next word ("\nDMX" -> "nDMX"): they become spaces.
 _ESCAPE = re.compile(r"\\[bfnrt]")
 
 
-@dataclass(frozen=True)
-class OrderWords:
+class OrderWords(NamedTuple):
     """What the first pass reads of an order: the JSON of the elements the engine reads (also the key of the verdict
     cache: equal content, equal verdict), its text folded, and its words."""
 
@@ -78,6 +81,10 @@ def order_words(resource: dict[str, Any]) -> OrderWords:
     """Every word of the order's elements the engine reads, keys included (no key is a word the policy needs): lower
     case, no accents. One orjson dump and one token pass, both in C."""
     content = orjson.dumps([resource.get(name) for name in READ_FIELDS])
+    if content.isascii() and b"\\" not in content:
+        # Most orders: plain ASCII without escapes, where folding changes nothing and a byte table finds the same
+        # words as WORD (letters and digits, lower case) at a third of the regex's cost (bench/README.md).
+        return OrderWords(content, content.decode(), frozenset(content.translate(_WORD_BYTES).decode().split()))
     text = content.decode()
     if "\\" in text:
         text = _ESCAPE.sub(" ", text)
