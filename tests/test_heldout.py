@@ -19,7 +19,9 @@ FLOOR = 0.97
 # Sets scored below the floor today, each held at its current score so any drop fails (docs/policy-analysts.md has
 # every set's first-scored and current numbers): corpus-heldout-7 (prior-authorization forms and outside-imaging
 # referrals) still misses orders whose only technique word sits in an imaging centre's name or a referral form.
-FLOORS = {"corpus-heldout-7": 0.95}
+# corpus-heldout-12 (ambulatory free text, dictation): committed and scored before any rule change for it
+# (0.972 / 0.875); held at that until the rules are improved.
+FLOORS = {"corpus-heldout-7": 0.95, "corpus-heldout-12": 0.87}
 
 
 @cache
