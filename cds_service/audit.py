@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
 
 from .engine.outcome import ActionRecord, CardRecord, VerdictRecord
 
@@ -13,6 +15,15 @@ if TYPE_CHECKING:
 
 # The typed parts are turned into JSON only where a record is written (database, journal, spill file).
 JSON_PARTS = ("orders", "cards", "system_actions")
+
+
+@dataclass(frozen=True)
+class StoredParts:
+    """A record's typed parts as the JSON they are stored as."""
+
+    orders: orjson.Fragment
+    cards: orjson.Fragment
+    system_actions: orjson.Fragment
 
 
 @dataclass
@@ -36,22 +47,33 @@ class CallRecord:
     status: int = 200
     error: str | None = None
     duration_ms: float = 0.0
+    # The typed parts as stored JSON, encoded once for the journal line and the database row alike (not stored).
+    _parts_json: StoredParts | None = field(default=None, init=False, repr=False, compare=False)
 
     def answered(self, outcome: Outcome) -> None:
         """What the clinician was told: each judged order's verdict and rule, the cards, the CRD actions."""
+        self._parts_json = None
         self.orders = outcome.verdict_records()
         self.cards = [card.summary() for card in outcome.cards]
         self.system_actions = [action.summary() for action in outcome.system_actions]
         self.coverage_assertions = outcome.coverage_assertions
         self.notes = outcome.notes
 
-    def json_parts(self) -> dict[str, list[dict[str, Any]]]:
-        """The typed parts as the database columns, journal and spill lines store them."""
-        return {
-            "orders": [o.to_json() for o in self.orders],
-            "cards": [c.to_json() for c in self.cards],
-            "system_actions": [a.to_json() for a in self.system_actions],
-        }
+    def json_parts(self) -> dict[str, orjson.Fragment]:
+        """The typed parts as the database columns, journal and spill lines store them: encoded once per record (the
+        journal line and the database row embed the same bytes; orjson writes a Fragment as it is)."""
+        if self._parts_json is None:
+            self._parts_json = StoredParts(
+                orders=orjson.Fragment(orjson.dumps([o.to_json() for o in self.orders])),
+                cards=orjson.Fragment(orjson.dumps([c.to_json() for c in self.cards])),
+                system_actions=orjson.Fragment(orjson.dumps([a.to_json() for a in self.system_actions])),
+            )
+        parts = self._parts_json
+        return {"orders": parts.orders, "cards": parts.cards, "system_actions": parts.system_actions}
+
+    def stored_fields(self) -> dict[str, Any]:
+        """Every field the audit log stores, the typed parts as their JSON."""
+        return {name: getattr(self, name) for name in STORED_FIELDS} | self.json_parts()
 
     @staticmethod
     def parts_from_json(fields: dict[str, Any]) -> dict[str, Any]:
@@ -65,6 +87,10 @@ class CallRecord:
         """A refused or failed call: its status and why (a reason set earlier, such as a 401's, is kept)."""
         self.status = status
         self.error = self.error or reason
+
+
+# The fields a record is stored with (journal and spill lines name exactly these).
+STORED_FIELDS = tuple(f.name for f in fields(CallRecord) if not f.name.startswith("_"))
 
 
 def _list(value: Any) -> list[Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import logging
 import os
@@ -19,7 +18,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, select
 
-from ..audit import CallRecord
+from ..audit import STORED_FIELDS, CallRecord
 from .db import Database
 from .models import audit_call
 
@@ -27,7 +26,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "cds-audit-spill/1"
 PATTERN = "audit-spill-*.jsonl"
-_FIELDS = {f.name for f in dataclasses.fields(CallRecord)}
+_FIELDS = frozenset(STORED_FIELDS)
 _CHUNK = 500
 
 Entries = list[tuple[str, CallRecord]]
@@ -36,7 +35,7 @@ Writer = Callable[[Connection, Entries], None]
 
 def encode(call_id: str, record: CallRecord) -> bytes:
     """One line: the record exactly as queued (times with their offset and microseconds, JSON as JSON), its id."""
-    fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(CallRecord)} | record.json_parts()
+    fields = record.stored_fields()
     # OPT_NON_STR_KEYS as the database's JSON columns do, so a replayed record equals one written directly.
     return orjson.dumps({"format": FORMAT, "callId": call_id, "record": fields}, option=orjson.OPT_NON_STR_KEYS) + b"\n"
 
