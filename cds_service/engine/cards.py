@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections import OrderedDict
 from datetime import date
 from typing import Any
 
@@ -12,7 +14,7 @@ from .fhir_shapes import is_codeable_concept, is_codeable_reference, is_referenc
 from .markdown import MAX_DETAIL_WORDS, md, shorten, word_count
 from .orders import as_list
 from .outcome import CardKind, CardOutcome, SuggestionOutcome
-from .policy.model import Alternative, Coding
+from .policy.model import Alternative, Coding, Policy
 from .request import HookRequest
 
 # FHIR ServiceRequest category example value set: SNOMED CT 363679005 "Imaging".
@@ -189,7 +191,28 @@ class CardMaker:
         )
 
 
+# Card details by (policy, the order's read content, what to do, links in it): a verdict depends on nothing else
+# (decision.judge's memo), so neither does its detail; EHRs send the same orderables call after call. Bounded.
+_DETAIL_MEMO_SIZE = 1024
+_details: OrderedDict[tuple[Policy, bytes, str, bool], str] = OrderedDict()
+_details_lock = threading.Lock()
+
+
 def detail(verdict: Verdict, instead: str, *, links_in_detail: bool) -> str:
+    """The card's detail (`card_detail`), remembered for orders of the same content under the same policy."""
+    key = (verdict.policy, verdict.order.words.content, instead, links_in_detail)
+    known = _details.get(key)
+    if known is not None:
+        return known
+    text = card_detail(verdict, instead, links_in_detail=links_in_detail)
+    with _details_lock:
+        _details[key] = text
+        if len(_details) > _DETAIL_MEMO_SIZE:
+            _details.popitem(last=False)
+    return text
+
+
+def card_detail(verdict: Verdict, instead: str, *, links_in_detail: bool) -> str:
     """What matched and what to do first, then the policy position and the evidence (CRD cards.html: "critical
     information being provided in the first paragraph"); at most MAX_DETAIL_WORDS words.
 

@@ -61,9 +61,7 @@ _TEXT_CODE = re.compile(r"(?<![\w./-])(?:CPT[\s\u00ae#:-]*)?(\d{5})(?![\w./-])",
 # A word of folded, lower-case text (the first pass and the evidence step read words alike).
 WORD = re.compile(r"[a-z0-9]+")
 # WORD as a byte table for ASCII text: letters lower-cased, digits kept, every other byte a space.
-_WORD_BYTES = bytes(
-    c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or 48 <= c <= 57 else 32 for c in range(256)
-)
+_WORD_BYTES = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or 48 <= c <= 57 else 32 for c in range(256))
 # JSON escapes for control characters would glue a letter to the next word ("\nDMX" -> "nDMX"): they become spaces.
 _ESCAPE = re.compile(r"\\[bfnrt]")
 

@@ -222,11 +222,11 @@ class VerdictRecord:
             flagged=verdict.flagged,
             rule=verdict.rule,
             reason=verdict.reason,
-            deciding=tuple(EvidenceRecord.of(e) for e in verdict.deciding),
-            evidence_for=tuple(EvidenceRecord.of(e) for e in verdict.evidence_for),
-            evidence_against=tuple(EvidenceRecord.of(e) for e in verdict.evidence_against),
+            deciding=tuple(map(EvidenceRecord.of, verdict.deciding)),
+            evidence_for=tuple(map(EvidenceRecord.of, verdict.evidence_for)),
+            evidence_against=tuple(map(EvidenceRecord.of, verdict.evidence_against)),
             region=verdict.region,
-            review=any(rule.review for rule in verdict.policy.rules if rule.id == verdict.rule),
+            review=verdict.rule in verdict.policy.review_rules,
         )
 
     def to_json(self) -> dict[str, Any]:

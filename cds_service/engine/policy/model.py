@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -308,6 +309,11 @@ class Policy:
 
     def rule(self, rule_id: str) -> Rule:
         return next(r for r in self.rules if r.id == rule_id)
+
+    @functools.cached_property
+    def review_rules(self) -> frozenset[str]:
+        """The ids of the rules marked `review: true` (a not-flagged order they decide is a possible miss)."""
+        return frozenset(r.id for r in self.rules if r.review)
 
 
 @dataclass(frozen=True)
