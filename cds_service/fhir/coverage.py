@@ -22,7 +22,7 @@ from ..engine.orders import as_list
 from ..errors import ServiceError
 from ..ops import metrics
 from .client import OFFLINE, FetchError, FhirReader, fill_template
-from .coverage_cache import CoverageCache
+from .coverage_cache import CacheKey, CoverageCache
 
 if TYPE_CHECKING:
     from ..engine.policy import PrefetchKey
@@ -99,14 +99,11 @@ class CoverageFinder:
             weakref.WeakKeyDictionary()
         )
 
-    def _cache_key(self, request: HookRequest) -> tuple[str, str] | None:
+    def _cache_key(self, request: HookRequest) -> CacheKey | None:
         if not request.fhir_server or not request.patient_id:
             return None
-        # Per FHIR server, patient and the OAuth client the EHR's token was issued to (fhirAuthorization.subject):
-        # two clients that share a FHIR server URL never see each other's Coverage.
-        server = request.fhir_server.rstrip("/")
         client = (request.fhir_authorization or {}).get("subject")
-        return (f"{server} {client}" if isinstance(client, str) and client else server), request.patient_id
+        return CacheKey(request.fhir_server.rstrip("/"), client if isinstance(client, str) else "", request.patient_id)
 
     def resolve(self, request: HookRequest, keys: dict[str, PrefetchKey]) -> CoverageResult:
         """The Coverage, or why there is none. A patient the request does not name, or whose prefetch came back
@@ -146,7 +143,7 @@ class CoverageFinder:
             notes.append("prefetch coverage is not a resource; ignored")
         cache_key = self._cache_key(request)
         if self.cache is not None and cache_key is not None:
-            cached = self.cache.get(*cache_key)
+            cached = self.cache.get(cache_key)
             if cached is not None:
                 cached.notes.append("Coverage as read at encounter-start (cached)")
                 return cached
@@ -185,11 +182,11 @@ class CoverageFinder:
         cache_key = self._cache_key(request)
         if self.cache is None or not self.cache.enabled or cache_key is None:
             return "Coverage cache off, or no fhirServer and patient to key it by"
-        if self.cache.get(*cache_key) is not None:
+        if self.cache.get(cache_key) is not None:
             return "Coverage already cached"
         value = (request.prefetch or {}).get("coverage", _ABSENT)
         if isinstance(value, dict) and value.get("resourceType") in ("Coverage", "Bundle"):
-            self.cache.put(*cache_key, self.resolve(request, keys))
+            self.cache.put(cache_key, self.resolve(request, keys))
             return "Coverage cached from prefetch"
         if keys.get("coverage") is None or self.reader.settings.offline:
             return "no Coverage prefetch and no read possible"
@@ -198,7 +195,7 @@ class CoverageFinder:
 
         def read() -> None:
             try:
-                cache.put(*cache_key, self.resolve(request, keys))
+                cache.put(cache_key, self.resolve(request, keys))
             except Exception as exc:  # a bug must not go unseen, nor take the patient's id into the log
                 log.error("encounter-start Coverage read failed unexpectedly: %s", type(exc).__name__)
 

@@ -7,6 +7,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
+from typing import NamedTuple
 
 from ..engine.crd import CoverageResult
 
@@ -14,8 +15,17 @@ from ..engine.crd import CoverageResult
 MAX_ENTRIES = 4096
 
 
+class CacheKey(NamedTuple):
+    """Whose Coverage: the FHIR server, the OAuth client the EHR's token was issued to (fhirAuthorization.subject,
+    "" when the request names none) and the patient. Two clients sharing a FHIR server URL never share an entry."""
+
+    server: str
+    client: str
+    patient: str
+
+
 class CoverageCache:
-    """(FHIR server, patient id) -> CoverageResult, for `ttl` seconds; memory only, per process, thread-safe.
+    """(FHIR server, client, patient id) -> CoverageResult, for `ttl` seconds; memory only, per process, thread-safe.
 
     Only answers that say something about the patient's Coverage are kept (found, none, inactive, no member): a
     technical failure is worth another read. The keys hold a patient id, so nothing here is ever logged.
@@ -26,30 +36,30 @@ class CoverageCache:
         self.max_entries = max_entries
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, str], tuple[float, CoverageResult]] = OrderedDict()
+        self._entries: OrderedDict[CacheKey, tuple[float, CoverageResult]] = OrderedDict()
 
     @property
     def enabled(self) -> bool:
         return self.ttl > 0
 
-    def put(self, server: str, patient: str, result: CoverageResult) -> None:
+    def put(self, key: CacheKey, result: CoverageResult) -> None:
         if not self.enabled or result.problem == "technical":
             return
         with self._lock:
-            self._entries[(server, patient)] = (self._clock() + self.ttl, replace(result, notes=list(result.notes)))
-            self._entries.move_to_end((server, patient))
+            self._entries[key] = (self._clock() + self.ttl, replace(result, notes=list(result.notes)))
+            self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
 
-    def get(self, server: str, patient: str) -> CoverageResult | None:
+    def get(self, key: CacheKey) -> CoverageResult | None:
         if not self.enabled:
             return None
         with self._lock:
-            entry = self._entries.get((server, patient))
+            entry = self._entries.get(key)
             if entry is None:
                 return None
             if entry[0] <= self._clock():
-                del self._entries[(server, patient)]
+                del self._entries[key]
                 return None
             return replace(entry[1], notes=list(entry[1].notes))
 
