@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .decision import Verdict
 from .evidence import Evidence
+from .policy.model import Policy
 
 SuggestionKind = Literal["remove", "replace"]
 CardKind = Literal["guideline", "instructions", "alternative"]
@@ -214,6 +217,21 @@ class VerdictRecord:
 
     @classmethod
     def of(cls, verdict: Verdict) -> VerdictRecord:
+        """The verdict's record. Everything but the order's reference follows from the policy and the order's read
+        content (decision.judge's memo key), so the rest is remembered for the next order of the same content."""
+        key = (verdict.policy, verdict.order.words.content, verdict.rule)
+        known = _records.get(key)
+        if known is None:
+            known = cls._of(verdict)
+            with _records_lock:
+                _records[key] = known
+                if len(_records) > _RECORD_MEMO_SIZE:
+                    _records.popitem(last=False)
+        reference = verdict.order.reference
+        return known if known.order == reference else replace(known, order=reference)
+
+    @classmethod
+    def _of(cls, verdict: Verdict) -> VerdictRecord:
         return cls(
             order=verdict.order.reference,
             order_name=" ".join(verdict.order.label().split())[:200],
@@ -279,6 +297,12 @@ class VerdictRecord:
             version=version,
             review=data.get("review") is True,
         )
+
+
+# Verdict records by (policy, order content, rule); bounded like decision.judge's memo.
+_RECORD_MEMO_SIZE = 4096
+_records: OrderedDict[tuple[Policy, bytes, str], VerdictRecord] = OrderedDict()
+_records_lock = threading.Lock()
 
 
 @dataclass
