@@ -20,10 +20,17 @@ FLOOR = 0.97
 # every set's first-scored and current numbers): corpus-heldout-7 (prior-authorization forms and outside-imaging
 # referrals) still misses orders whose only technique word sits in an imaging centre's name or a referral form.
 # corpus-heldout-10 (US federal order entry: VistA/CPRS, VA Community Care, MHS GENESIS, IHS; 0.988 / 0.965),
-# corpus-heldout-11 (spine surgery, craniocervical clinics; 1.000 / 0.952) and corpus-heldout-12 (ambulatory free
-# text, dictation; 0.972 / 0.875): committed and scored before any rule change for them; held there until the
-# rules improve. Set 10 is kept unseen by the rule writers (its mistakes are never described to them).
-FLOORS = {"corpus-heldout-7": 0.95, "corpus-heldout-10": 0.96, "corpus-heldout-11": 0.95, "corpus-heldout-12": 0.87}
+# corpus-heldout-11 (spine surgery, craniocervical clinics; 1.000 / 0.952), corpus-heldout-12 (ambulatory free text,
+# dictation; 0.972 / 0.875) and corpus-heldout-13 (workers' compensation, occupational medicine; 0.962 / 0.974):
+# committed and scored before any rule change for them; held there until the rules improve. Set 13 is kept unseen
+# by the rule writers (its mistakes are never described to them).
+FLOORS = {
+    "corpus-heldout-7": 0.95,
+    "corpus-heldout-10": 0.96,
+    "corpus-heldout-11": 0.95,
+    "corpus-heldout-12": 0.87,
+    "corpus-heldout-13": 0.96,
+}
 
 
 @cache
