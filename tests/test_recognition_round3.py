@@ -77,3 +77,14 @@ def test_the_answers_own_trigger_is_nearer_than_the_questions(policy: Policy) ->
     # Without the clinician's own instruction the answer speaks of what the question relays.
     relayed = judged(policy, text="Imaging other", note=[{"text": f"{asked} zeta scan arm"}])
     assert not relayed.flagged, describe(relayed)
+
+
+def test_a_clause_set_off_by_a_dash_completes_a_composition(policy: Policy) -> None:
+    # A catalog's or a note's dash adds to the study it describes: the parts may stand on either side of it.
+    named = judged(policy, text="Fluoroscopy arm - the video one, not plain films")
+    assert named.flagged, describe(named)
+    noted = judged(policy, text="XR arm", note=[{"text": "fluoroscopic study of the arm - recorded as video loop"}])
+    assert noted.flagged, describe(noted)
+    # A full stop or a ";" still ends the sentence, and a non-motion use across the dash still stops it.
+    assert not judged(policy, text="Fluoroscopy arm; video on file").flagged
+    assert not judged(policy, text="Fluoroscopy arm - video of line placement").flagged

@@ -416,7 +416,7 @@ def _compose(
     and none of its `unless` ("'fluoroscopic' with 'video' and 'lumbar spine' in the order name"). In a corrected
     text (`guessed`: the replaced spans and what was written) a guessed word may fill a slot, never an `unless`."""
     out: list[Evidence] = []
-    for start, end in ctx.sentences(text):
+    for start, end in ctx.phrases(text):
         inside = [h for h in hits if start <= h.start and h.end <= max(end, start + 1)]
         concepts: dict[str, list[TermHit]] = {}
         for hit in inside:
