@@ -88,3 +88,11 @@ def test_a_clause_set_off_by_a_dash_completes_a_composition(policy: Policy) -> N
     # A full stop or a ";" still ends the sentence, and a non-motion use across the dash still stops it.
     assert not judged(policy, text="Fluoroscopy arm; video on file").flagged
     assert not judged(policy, text="Fluoroscopy arm - video of line placement").flagged
+
+
+def test_a_parameter_value_that_asks_and_answers_is_read_as_its_question(policy: Policy) -> None:
+    comment = {"parameter": [{"code": {"text": "Order comment"}, "valueString": "Zeta scan of the arm? - No"}]}
+    refused = judged(policy, text="XR arm", orderDetail=[comment])
+    assert not refused.flagged, describe(refused)
+    wanted = {"parameter": [{"code": {"text": "Order comment"}, "valueString": "Zeta scan of the arm? Yes"}]}
+    assert judged(policy, text="XR arm", orderDetail=[wanted]).flagged
