@@ -43,6 +43,21 @@ def sentences(text: str) -> list[tuple[int, int]]:
     return _sentences(text)
 
 
+def phrases(text: str) -> list[tuple[int, int]]:
+    """[start, end) of each sentence, with a clause set off by a dash joined to the one before: "Dynamic X-ray neck -
+    continuous video sequence" names one study (a catalog's or a note's dash adds to what it describes)."""
+    out: list[tuple[int, int]] = []
+    for start, end in _sentences(text):
+        if out and _DASH.fullmatch(text, out[-1][1], start):
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
+_DASH = re.compile(r"\s+[-\u2013\u2014]\s+")
+
+
 def _sentences(text: str) -> list[tuple[int, int]]:
     spans = []
     start = 0

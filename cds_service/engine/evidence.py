@@ -264,20 +264,40 @@ class _TextReader:
         if self._scopes is None:
             self._scopes = ctx.scopes(self.text, self.rec.context)
         if self.answer is not None and hit.start >= self.answer.question_end:
+            end = self.answer.question_end
+            # A trigger of the answer's own words that reaches the mention is the nearest and decides ("pt msg:
+            # 'can I get the DMX the dr mentioned?' Per Dr. - order DMX lumbar": the answer orders it).
+            own = ctx.assertion_at([sc for sc in self._scopes if sc.trigger_start >= end], hit.start, hit.end)
+            if own is not None:
+                return own.assertion, ctx.snippet(self.text, own, hit.start, hit.end)  # type: ignore[return-value]
             # The answer to "Has the patient had DMX?" speaks of what the question asks about: a trigger in the
-            # question qualifies the answer's mentions too ("Yes - 2023 at Spine Kinetics" is history).
+            # question qualifies the answer's mentions too ("Yes - 2023 at Spine Kinetics" is history), when it
+            # qualifies what the question asks about (a mention in its reach) or reaches the question's end ("Prior
+            # study: DMX"). A date that only dates the label ("Referral letter 11/20/2026: requesting DMX") does not.
             asked = [
                 sc
                 for sc in self._scopes
-                if sc.trigger_end <= self.answer.question_end and sc.assertion not in ("affirmed", "requested")
+                if sc.trigger_end <= end
+                and sc.assertion not in ("affirmed", "requested")
+                and (sc.end >= end or self._qualifies_mention(sc, end))
             ]
             if asked:
-                question = " ".join(self.text[: self.answer.question_end].split())
+                question = " ".join(self.text[:end].split())
                 return asked[-1].assertion, f"answer to: {question}"  # type: ignore[return-value]
         scope = ctx.assertion_at(self._scopes, hit.start, hit.end)
         if scope is None:
             return "affirmed", ""
         return scope.assertion, ctx.snippet(self.text, scope, hit.start, hit.end)  # type: ignore[return-value]
+
+    def _qualifies_mention(self, scope: ctx.Scope, end: int) -> bool:
+        """Whether a trigger's scope in an order question covers a mention the context qualifies, in the question."""
+        return any(
+            h.start < end
+            and scope.start <= h.start
+            and h.end <= scope.end
+            and any(isinstance(r, Meaning) and r.kind in self.rec.context_kinds for r in h.refs)
+            for h in self.rec.index.find(self.text[:end], nested=is_combo_part)
+        )
 
     def mentions(self, hits: list[TermHit], written: dict[tuple[int, int], str]) -> list[_Mention]:
         out = []
@@ -396,7 +416,7 @@ def _compose(
     and none of its `unless` ("'fluoroscopic' with 'video' and 'lumbar spine' in the order name"). In a corrected
     text (`guessed`: the replaced spans and what was written) a guessed word may fill a slot, never an `unless`."""
     out: list[Evidence] = []
-    for start, end in ctx.sentences(text):
+    for start, end in ctx.phrases(text):
         inside = [h for h in hits if start <= h.start and h.end <= max(end, start + 1)]
         concepts: dict[str, list[TermHit]] = {}
         for hit in inside:

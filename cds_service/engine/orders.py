@@ -373,7 +373,14 @@ class _Reader:
             answer = _concept_text(concept)
         if isinstance(answer, str) and answer.strip():
             if question:
-                self.text("detail", f"{question}: {answer.strip()}", Answer(len(question), answer.strip()))
+                value = answer.strip()
+                # A value that is itself a question with its answer ("Order comment" = "DMX? - N") answers that.
+                inner = _ASKED.fullmatch(value)
+                if inner is not None and any(c.isalpha() for c in inner["q"]):
+                    asked = Answer(len(question) + 2 + inner.end("q"), inner["a"].strip())
+                    self.text("detail", f"{question}: {value}", asked)
+                else:
+                    self.text("detail", f"{question}: {value}", Answer(len(question), value))
             else:
                 self.text("detail", answer)
         elif question:
