@@ -106,8 +106,19 @@ def might_flag(rec: Recognition, words: OrderWords) -> bool:
     text, tokens = words.text, words.tokens
     if not rec.candidate_tokens.isdisjoint(tokens):
         return True
-    if any(pattern.search(text) for pattern in rec.candidate_patterns):
-        return True
+    lowered = None
+    for pattern, needs, whole_word in rec.candidate_patterns:
+        # Searched only when the order holds what every match holds (most orders hold none of it).
+        if needs is not None:
+            if whole_word:
+                if needs not in tokens:
+                    continue
+            else:
+                lowered = text.lower() if lowered is None else lowered
+                if needs not in lowered:
+                    continue
+        if pattern.search(text):
+            return True
     if rec.candidate_code_sets and any(_in_code_sets(rec, v) for v in _CODE_VALUE.findall(text)):
         return True
     # A misspelled or abbreviated policy word counts only beside spine words (a technique that needs them, or one

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import re
 from collections.abc import Mapping
+from typing import Any
 
 from ..terms import fold
 from . import schema as s
 from .compile_recognition import Compiler
-from .model import Cond, EvidenceTest, FactTest, Group, Recognition, Rule
+from .model import CandidatePattern, Cond, EvidenceTest, FactTest, Group, Recognition, Rule
 from .yamlread import Loc
 
 _FACT_NAMES = ("status", "intent")
@@ -142,6 +144,47 @@ def _kinds_in(cond: Cond | None) -> frozenset[str]:
     return frozenset()
 
 
+# The interpreter's own regex parser (private, untyped; CPython 3.11+ names it re._parser).
+_re_parser: Any = importlib.import_module("re._parser")
+
+
+def needed_text(pattern: re.Pattern[str]) -> tuple[str | None, bool]:
+    """A run of plain characters (two or more) at the pattern's top level, lower-cased, which every match holds (in
+    some case), and whether it is a whole word of the order (word boundaries or whitespace on both sides): whole words
+    first, then the longest. (None, False) when there is none or the pattern cannot be read (then it is always
+    searched).
+
+    Read with the interpreter's own regex parser (re._parser, CPython 3.11+): the top-level sequence of a parsed
+    pattern lists what every match goes through; a LITERAL there is one character every match contains."""
+    try:
+        items = list(_re_parser.parse(pattern.pattern, pattern.flags))
+    except Exception:  # a private module: if it ever changes, every pattern is searched as before
+        return None, False
+    best: tuple[bool, int, str] = (False, 0, "")
+    start = 0
+    while start < len(items):
+        end = start
+        while end < len(items) and items[end][0] is _re_parser.LITERAL:
+            end += 1
+        if end - start >= 2:
+            run = "".join(chr(value) for _, value in items[start:end])
+            whole = run.isalnum() and _word_edge(items, start - 1) and _word_edge(items, end)
+            best = max(best, (whole, len(run), run))
+        start = end + 1
+    return (best[2].lower(), best[0]) if best[2] else (None, False)
+
+
+def _word_edge(items: list[tuple[Any, Any]], at: int) -> bool:
+    """Whether what the pattern has at `at` ends a word: \\b, or at least one whitespace character."""
+    if not 0 <= at < len(items):
+        return False
+    op, value = items[at]
+    if (op, value) == (_re_parser.AT, _re_parser.AT_BOUNDARY):
+        return True
+    space = [(_re_parser.IN, [(_re_parser.CATEGORY, _re_parser.CATEGORY_SPACE)])]
+    return op is _re_parser.MAX_REPEAT and value[0] >= 1 and list(value[2]) == space
+
+
 def prefilter(spec: s.Recognition, rules: tuple[Rule, ...], rec: Recognition) -> None:
     """The words and codes without which no rule that tests evidence can hold: the cheap pass that lets most orders
     (labs, medications, imaging of other kinds) skip the full judgement. An order it skips has no evidence, so the
@@ -159,7 +202,7 @@ def prefilter(spec: s.Recognition, rules: tuple[Rule, ...], rec: Recognition) ->
     # Ranges and prefixes cannot be listed as words: the first pass tests the order's code values against them.
     rec.candidate_code_sets = tuple(entry.codes for entry in rec.code_sets if entry.meaning.kind in needed)
     rec.candidate_tokens = frozenset(found.tokens)
-    rec.candidate_patterns = tuple(found.patterns)
+    rec.candidate_patterns = tuple(CandidatePattern(p, *needed_text(p)) for p in found.patterns)
     anatomy: set[str] = set()
     for region in spec.anatomy.regions.values():
         for term in region.terms:
