@@ -139,6 +139,8 @@ def test_the_order_is_immutable_and_read_once() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         order.status = "active"  # type: ignore[misc]
     assert order.places is order.places
+    # OrderView fills its fields by hand (a hot path): every field of the dataclass must be set.
+    assert all(f.name in order.__dict__ for f in dataclasses.fields(order))
 
 
 def test_an_order_without_the_policys_words_is_decided_by_the_first_pass_alone(policy: Policy) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
-from collections import OrderedDict
 from datetime import date
 from typing import Any
 
@@ -12,6 +10,7 @@ from .decision import Verdict
 from .explain import explain_lines
 from .fhir_shapes import is_codeable_concept, is_codeable_reference, is_reference
 from .markdown import MAX_DETAIL_WORDS, md, shorten, word_count
+from .memo import Memo
 from .orders import as_list
 from .outcome import CardKind, CardOutcome, SuggestionOutcome
 from .policy.model import Alternative, Coding, Policy
@@ -193,9 +192,7 @@ class CardMaker:
 
 # Card details by (policy, the order's read content, what to do, links in it): a verdict depends on nothing else
 # (decision.judge's memo), so neither does its detail; EHRs send the same orderables call after call. Bounded.
-_DETAIL_MEMO_SIZE = 1024
-_details: OrderedDict[tuple[Policy, bytes, str, bool], str] = OrderedDict()
-_details_lock = threading.Lock()
+_details: Memo[tuple[Policy, bytes, str, bool], str] = Memo(1024)
 
 
 def detail(verdict: Verdict, instead: str, *, links_in_detail: bool) -> str:
@@ -205,10 +202,7 @@ def detail(verdict: Verdict, instead: str, *, links_in_detail: bool) -> str:
     if known is not None:
         return known
     text = card_detail(verdict, instead, links_in_detail=links_in_detail)
-    with _details_lock:
-        _details[key] = text
-        if len(_details) > _DETAIL_MEMO_SIZE:
-            _details.popitem(last=False)
+    _details.put(key, text)
     return text
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 import string
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .evidence import Evidence, OrderEvidence, collect, evidence_line
+from .memo import Memo
 from .orders import OrderView, read_order
 from .policy.model import Coding, Cond, EvidenceTest, FactTest, Group, Policy, Rule
 from .prefilter import might_flag
@@ -164,9 +163,7 @@ def _quiet(policy: Policy, status: str | None, intent: str | None, do_not_perfor
 
 # Verdicts by (policy, the content of the elements the engine reads): an EHR sends the same orderables call after
 # call, and a verdict depends on nothing else. Bounded; only the identity of the order differs between hits.
-_MEMO_SIZE = 4096
-_memo: OrderedDict[tuple[int, bytes], Verdict] = OrderedDict()
-_memo_lock = threading.Lock()
+_memo: Memo[tuple[int, bytes], Verdict] = Memo(4096)
 
 
 def judge(order: OrderView, policy: Policy) -> Verdict:
@@ -186,10 +183,7 @@ def judge(order: OrderView, policy: Policy) -> Verdict:
         order.share_places(known.order)
         return replace(known, order=order)
     verdict = decide(order, policy, collect(order, policy))
-    with _memo_lock:
-        _memo[key] = verdict
-        if len(_memo) > _MEMO_SIZE:
-            _memo.popitem(last=False)
+    _memo.put(key, verdict)
     return verdict
 
 

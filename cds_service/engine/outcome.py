@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .decision import Verdict
 from .evidence import Evidence
+from .memo import Memo
 from .policy.model import Policy
 
 SuggestionKind = Literal["remove", "replace"]
@@ -223,10 +222,7 @@ class VerdictRecord:
         known = _records.get(key)
         if known is None:
             known = cls._of(verdict)
-            with _records_lock:
-                _records[key] = known
-                if len(_records) > _RECORD_MEMO_SIZE:
-                    _records.popitem(last=False)
+            _records.put(key, known)
         reference = verdict.order.reference
         return known if known.order == reference else replace(known, order=reference)
 
@@ -300,9 +296,7 @@ class VerdictRecord:
 
 
 # Verdict records by (policy, order content, rule); bounded like decision.judge's memo.
-_RECORD_MEMO_SIZE = 4096
-_records: OrderedDict[tuple[Policy, bytes, str], VerdictRecord] = OrderedDict()
-_records_lock = threading.Lock()
+_records: Memo[tuple[Policy, bytes, str], VerdictRecord] = Memo(4096)
 
 
 @dataclass

@@ -12,7 +12,8 @@ names its path. Read as meant:
 - null: absent.
 Refused (InvalidRequest naming the path): anything else, such as a Coding sent as a bare string (code or display?),
 a boolean where text belongs, or several values where FHIR allows one.
-The client's resource itself is never changed: the engine reads a fixed copy, the CRD echo sends the original.
+The client's resource itself is never changed: the engine reads a fixed copy (the resource itself when nothing
+needed fixing), the CRD echo sends the original.
 """
 
 from __future__ import annotations

@@ -49,11 +49,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(feedback_bp)
     # /metrics, JSON log context, live policy reload and the /health fields they add (operate.py).
     install_operations(app, parts, started)
-    _install_cors(app, Cors(settings.cors_origins))
+    cors = Cors(settings.cors_origins)
+    _install_cors(app, cors)
     _install_errors(app)
     app.after_request(_security_headers)
     # The hook calls skip Flask (its request, routing and response objects): the hot path of every order entry.
-    app.wsgi_app = HookRoute(parts, app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = HookRoute(parts, app.wsgi_app, cors)  # type: ignore[method-assign]
     return app
 
 

@@ -138,12 +138,11 @@ class HookRoute:
     discovery, preflights, other methods) goes on to Flask. Headers, errors, audit, metrics and log context are the
     ones the Flask routes give (web/http.py holds the shared rules)."""
 
-    def __init__(self, parts: Services, flask_app: WsgiApp) -> None:
-        settings = parts.runtime.settings
+    def __init__(self, parts: Services, flask_app: WsgiApp, cors: Cors) -> None:
         self.parts = parts
         self.flask_app = flask_app
-        self.cors = Cors(settings.cors_origins)
-        self.log_context = settings.log_format == "json"
+        self.cors = cors  # the app's own, so both paths answer the same origins
+        self.log_context = parts.runtime.settings.log_format == "json"
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path: str = environ.get("PATH_INFO", "")
