@@ -12,48 +12,35 @@ names its path. Read as meant:
 - null: absent.
 Refused (InvalidRequest naming the path): anything else, such as a Coding sent as a bare string (code or display?),
 a boolean where text belongs, or several values where FHIR allows one.
-The client's resource itself is never changed: the engine reads a fixed copy (the resource itself when nothing
-needed fixing), the CRD echo sends the original.
+The client's resource itself is never changed: the engine reads a fixed copy, the CRD echo sends the original.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import Any
 
 from .errors import InvalidRequest
 from .orders import FIELDS
 
 _MAX_ITEMS = 200
-# Where a value sits, as (parent, key or index) pairs: written out only for a refusal, so reading a well-formed
-# order builds no path strings (issue 23: a third of the reader's time went to them).
-Path: TypeAlias = "str | tuple[Path, str | int]"
-Fix = Callable[[Any, Path], Any]
+Fix = Callable[[Any, str], Any]
 
 
-def _path_text(path: Path) -> str:
-    steps: list[str] = []
-    while isinstance(path, tuple):
-        path, step = path
-        steps.append(f"[{step}]" if isinstance(step, int) else f".{step}")
-    return path + "".join(reversed(steps))
+def _refuse(path: str, expected: str) -> InvalidRequest:
+    return InvalidRequest(f"'{path}' must be {expected}.", expression=path)
 
 
-def _refuse(path: Path, expected: str) -> InvalidRequest:
-    text = _path_text(path)
-    return InvalidRequest(f"'{text}' must be {expected}.", expression=text)
-
-
-def _one(value: list[Any], path: Path, fix: Fix, expected: str) -> Any:
+def _one(value: list[Any], path: str, fix: Fix, expected: str) -> Any:
     """A one-item array where one value belongs is that value, an empty one none; more items are ambiguous."""
     if not value:
         return None
     if len(value) == 1:
-        return fix(value[0], (path, 0))
+        return fix(value[0], f"{path}[0]")
     raise _refuse(path, expected)
 
 
-def _string(value: Any, path: Path) -> str | None:
+def _string(value: Any, path: str) -> str | None:
     if isinstance(value, str):
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -63,7 +50,7 @@ def _string(value: Any, path: Path) -> str | None:
     raise _refuse(path, "a string")
 
 
-def _boolean(value: Any, path: Path) -> bool | None:
+def _boolean(value: Any, path: str) -> bool | None:
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
@@ -73,30 +60,23 @@ def _boolean(value: Any, path: Path) -> bool | None:
     raise _refuse(path, "true or false")
 
 
-def _fields(value: dict[str, Any], path: Path, fixes: dict[str, Fix]) -> dict[str, Any]:
-    """The object with each listed field fixed; a null (or empty one-value array) is absent. Copied only when a field
-    changes: a well-formed object is returned as it is (the engine never changes what it reads)."""
-    out = value
+def _fields(value: dict[str, Any], path: str, fixes: dict[str, Fix]) -> dict[str, Any]:
+    """The object with each listed field fixed; a null (or empty one-value array) is absent."""
+    out = dict(value)
     for key, fix in fixes.items():
-        if key in value:
-            item = value[key]
-            fixed = None if item is None else fix(item, (path, key))
-            if fixed is not item:
-                if out is value:
-                    out = dict(value)
-                if fixed is None:
-                    del out[key]
-                else:
-                    out[key] = fixed
+        if key in out:
+            fixed = None if out[key] is None else fix(out[key], f"{path}.{key}")
+            if fixed is None:
+                del out[key]
+            else:
+                out[key] = fixed
     return out
 
 
 def _array(fix: Fix) -> Fix:
-    def fixed(value: Any, path: Path) -> list[Any]:
+    def fixed(value: Any, path: str) -> list[Any]:
         if isinstance(value, list):
-            out = [fix(item, (path, i)) for i, item in enumerate(value[:_MAX_ITEMS]) if item is not None]
-            unchanged = len(out) == len(value) and all(a is b for a, b in zip(out, value, strict=True))
-            return value if unchanged else out
+            return [fix(item, f"{path}[{i}]") for i, item in enumerate(value[:_MAX_ITEMS]) if item is not None]
         if isinstance(value, dict | str):
             return [fix(value, path)]
         raise _refuse(path, "an array")
@@ -104,13 +84,13 @@ def _array(fix: Fix) -> Fix:
     return fixed
 
 
-def _coding(value: Any, path: Path) -> dict[str, Any]:
+def _coding(value: Any, path: str) -> dict[str, Any]:
     if isinstance(value, dict):
         return _fields(value, path, {"system": _string, "code": _string, "display": _string})
     raise _refuse(path, "a Coding (an object with system, code and display)")
 
 
-def _concept(value: Any, path: Path) -> Any:
+def _concept(value: Any, path: str) -> Any:
     """A CodeableConcept, or an R5 CodeableReference sent where one is read (the reader takes either)."""
     if isinstance(value, str) or (isinstance(value, int | float) and not isinstance(value, bool)):
         return {"text": _string(value, path)}
@@ -124,7 +104,7 @@ def _concept(value: Any, path: Path) -> Any:
     return fixed
 
 
-def _annotation(value: Any, path: Path) -> dict[str, Any]:
+def _annotation(value: Any, path: str) -> dict[str, Any]:
     if isinstance(value, str) or (isinstance(value, int | float) and not isinstance(value, bool)):
         return {"text": _string(value, path)}
     if isinstance(value, dict):
@@ -132,27 +112,27 @@ def _annotation(value: Any, path: Path) -> dict[str, Any]:
     raise _refuse(path, "an Annotation (an object with text)")
 
 
-def _parameter(value: Any, path: Path) -> Any:
+def _parameter(value: Any, path: str) -> Any:
     if isinstance(value, dict):
         return _fields(value, path, {"code": _concept, "valueCodeableConcept": _concept, "valueString": _string})
     raise _refuse(path, "an orderDetail parameter (an object with code and value[x])")
 
 
-def _detail(value: Any, path: Path) -> Any:
+def _detail(value: Any, path: str) -> Any:
     """R4 orderDetail: a CodeableConcept; R5: {parameterFocus, parameter: [{code, value[x]}]}."""
     if isinstance(value, dict) and "parameter" in value:
         return _fields(value, path, {"parameter": _array(_parameter)})
     return _concept(value, path)
 
 
-def _instruction(value: Any, path: Path) -> Any:
+def _instruction(value: Any, path: str) -> Any:
     """R4: a string; R5: an array of {instructionMarkdown | instructionReference}; the reader takes any of these."""
     if isinstance(value, str | dict | list):
         return value
     return _string(value, path)
 
 
-def _element(value: Any, path: Path) -> Any:
+def _element(value: Any, path: str) -> Any:
     """What orders.FIELDS calls an element: a CodeableConcept, an R5 CodeableReference, or a Reference (whose
     display is read; its reference stays as sent)."""
     if isinstance(value, dict) and "coding" not in value and "concept" not in value and "display" in value:
@@ -179,6 +159,5 @@ _ORDER_FIELDS: dict[str, Fix] = {
 
 
 def well_formed(resource: dict[str, Any], path: str) -> dict[str, Any]:
-    """The order with every field the engine reads in its FHIR shape (a copy when one had to be fixed, else the order
-    itself); InvalidRequest names what is not."""
+    """A copy of the order with every field the engine reads in its FHIR shape; InvalidRequest names what is not."""
     return _fields(resource, path, _ORDER_FIELDS)
